@@ -132,7 +132,7 @@ class _Relaxation:
         a = self.a[k]
         eps = self.h[k] - layer.activation(a)
         grad_a = eps * (a > 0).to(eps.dtype) if layer.relu else eps
-        return grad_a, layer.unpool(grad_a, self.indices[k], self.c[k].shape)
+        return grad_a, layer.unpool(grad_a, self.indices[k], self.c[k])
 
     def topdown(self, k: int, vjp_memo: dict[int, tuple]) -> Tensor | None:
         """Δ_k, summed over the layers that read h_k; ``None`` when every such error is zero."""

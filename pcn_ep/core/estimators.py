@@ -144,7 +144,7 @@ class EquilibriumPropagation:
             eps = nudged.h[k] - layer.activation(a)
             grad_a = eps * (a > 0).to(eps.dtype) if layer.relu else eps
             grad_a = grad_a * weights.view(-1, *([1] * (grad_a.dim() - 1)))
-            grad_c = layer.unpool(grad_a, nudged.indices[k], nudged.c[k].shape)
+            grad_c = layer.unpool(grad_a, nudged.indices[k], nudged.c[k])
             x, skip = network.layer_inputs(nudged.h, k)
             grads.extend(-g for g in layer.param_grads(x, skip, grad_a, grad_c))
         self.check_finite(network, nudged, grads)

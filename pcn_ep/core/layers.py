@@ -116,11 +116,14 @@ class PCNLayer(nn.Module):
         return self.activation(self.pool_bias(self.linear(x, skip))[0])
 
     # -- transposed maps ------------------------------------------------------------------------
-    def unpool(self, grad_a: Tensor, indices: Tensor | None, c_shape: torch.Size) -> Tensor:
-        """Gradient w.r.t. a → gradient w.r.t. c (max-pool routes it to the argmax)."""
+    def unpool(self, grad_a: Tensor, indices: Tensor | None, c: Tensor) -> Tensor:
+        """Gradient w.r.t. a → gradient w.r.t. c: max-pool routes it to the argmax. (The pooling
+        backward kernel itself: unlike ``max_unpool2d`` it is allowed in deterministic mode.)"""
         if not self.pool:
             return grad_a
-        return F.max_unpool2d(grad_a, indices, 2, 2, output_size=c_shape[-2:])
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_a, c, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        )
 
     def input_vjp(
         self, grad_c: Tensor, x_shape: torch.Size, skip_shape: torch.Size | None = None
