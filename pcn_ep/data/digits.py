@@ -14,6 +14,8 @@ class DigitsDataModule(TensorDataModule):
         image_size: side after bilinear upsampling from 8 (16 or 32 suit the VGG nets' pools).
         val_fraction / test_fraction: shares of the 1,797 images (stratified by class).
         flatten: give vectors instead of 1×S×S images (for an MLP).
+        max_shift: training augmentation, a random translation of up to this many pixels per axis
+            (after upsampling; 0 = off). Drawn from (seed, global step): resuming replays it.
         batch_size, seed, drop_last: see ``TensorDataModule``.
     """
 
@@ -25,6 +27,7 @@ class DigitsDataModule(TensorDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         flatten: bool = False,
+        max_shift: int = 0,
         batch_size: int = 32,
         seed: int = 0,
         drop_last: bool = False,
@@ -34,7 +37,9 @@ class DigitsDataModule(TensorDataModule):
             raise ValueError(f"image_size must be >= 8 (the digits are 8×8), got {image_size}")
         if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
             raise ValueError("val_fraction and test_fraction must be positive and sum below 1")
-        self.image_size, self.flatten = image_size, flatten
+        if max_shift < 0 or (max_shift and flatten):
+            raise ValueError("max_shift must be >= 0 and needs images (flatten: false)")
+        self.image_size, self.flatten, self.max_shift = image_size, flatten, max_shift
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def setup(self, stage: str | None = None) -> None:
@@ -61,3 +66,23 @@ class DigitsDataModule(TensorDataModule):
             x = x.flatten(1)
         self.splits = {name: (x[i], y[i]) for name, i in
                        (("train", train), ("val", val), ("test", test))}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        if not self.max_shift or trainer is None or not trainer.training:
+            return batch
+        x, y = batch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (len(x), 2), generator=g)
+        return random_translate(x, shifts.to(x.device)), y
+
+
+def random_translate(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate each image by integer pixels (dx, dy), repeating the border (the background)."""
+    n, _, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2] = -2 * shifts[:, 0].to(x.dtype) / w
+    theta[:, 1, 2] = -2 * shifts[:, 1].to(x.dtype) / h
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)

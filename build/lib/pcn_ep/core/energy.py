@@ -1,0 +1,65 @@
+"""Costs C(h_L, y) and the PCN energy F(θ, β, h) = ½ Σ_k ‖h_k − f_k(h_{k-1})‖² + β C(h_L, y) (spec Eq. 12)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .networks import PCN
+
+
+class Cost:
+    """A per-example cost of the output state h_L and its gradient ∂C/∂h_L."""
+
+    name: str
+
+    def value(self, h: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad(self, h: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class CrossEntropy(Cost):
+    """C = −log softmax(h)_y; the softmax belongs to the cost, the output layer is linear (spec §1.2)."""
+
+    name = "ce"
+
+    def value(self, h: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(h, y, reduction="none")
+
+    def grad(self, h: Tensor, y: Tensor) -> Tensor:
+        return torch.softmax(h, dim=1) - F.one_hot(y, h.shape[1]).to(h.dtype)
+
+
+class SquaredError(Cost):
+    """C = ½ ‖h − onehot(y)‖² (the paper does not write the scaling out; spec §1.2 [I])."""
+
+    name = "mse"
+
+    def value(self, h: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * (h - F.one_hot(y, h.shape[1]).to(h.dtype)).pow(2).sum(1)
+
+    def grad(self, h: Tensor, y: Tensor) -> Tensor:
+        return h - F.one_hot(y, h.shape[1]).to(h.dtype)
+
+
+COSTS: dict[str, Cost] = {"ce": CrossEntropy(), "mse": SquaredError()}
+
+
+def get_cost(name: str) -> Cost:
+    if name not in COSTS:
+        raise ValueError(f"unknown cost {name!r}; choose one of {sorted(COSTS)}")
+    return COSTS[name]
+
+
+def energy(network: PCN, h: list[Tensor], y: Tensor, cost: Cost) -> tuple[Tensor, Tensor]:
+    """Per-example E = ½ Σ_k ‖h_k − f_k(h_{k-1})‖² and C(h_L, y); F = E + β C.
+
+    Recomputes every layer from scratch: a diagnostic (traces, tests), not part of the fast path.
+    """
+    total = torch.zeros(h[0].shape[0], dtype=h[-1].dtype, device=h[-1].device)
+    for k, layer in enumerate(network.layers, start=1):
+        eps = h[k] - layer(*network.layer_inputs(h, k))
+        total = total + 0.5 * eps.flatten(1).pow(2).sum(1)
+    return total, cost.value(h[-1], y)

@@ -1,0 +1,154 @@
+"""One PCN layer f_k, with the transposed maps that the nudged phase needs.
+
+A layer computes, from its input state h_{k-1} (and, for a skip target, a second state h_s):
+
+    c_k = W_k * h_{k-1}  [+ S_k * h_s]           linear part, no bias ("pre-pool")
+    a_k = maxpool(c_k) + b_k   (or c_k + b_k)    pre-activation
+    f_k = ReLU(a_k)            (identity for the output layer)
+
+The bias is added after the pool, which equals pooling (c + b) since b is constant per channel. The
+skip enters *before* the pool, inside the linear part, so that the state update stays one linear map
+plus one pool (spec §4, VGG10Skip; our reading, documented in ``networks.py``).
+
+Besides ``forward`` (used by the free phase and by backprop), a layer exposes the two transposed maps
+that equilibrium propagation needs, written out so that a nudge iteration costs exactly one linear map
+and one vector-Jacobian product per changing layer, with no autograd graph kept between iterations:
+
+- ``input_vjp``: (∂c/∂inputs)^T applied to a gradient w.r.t. c (a transposed convolution / matmul);
+- ``param_grads``: (∂a/∂θ)^T applied to a gradient w.r.t. a (weight and bias gradients).
+
+``gradcheck`` and the tests compare both against autograd through ``forward``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+
+class PCNLayer(nn.Module):
+    """A conv 3×3 (stride 1, padding 1) or dense layer, optional 2×2 max-pool, ReLU or linear output.
+
+    Args:
+        kind: ``"conv"`` or ``"dense"``. A dense layer flattens its input.
+        in_features / out_features: channels for a conv, units for a dense layer.
+        pool: 2×2 max-pool with stride 2 after the conv (before the ReLU, spec Eq. 13).
+        relu: ReLU for hidden layers; ``False`` for the linear output layer (spec Eq. 14).
+        skip_in: channels of a skip source; adds a 1×1 conv with stride ``skip_stride`` to ``c``.
+        gain: γ of spec Eq. 21, weights ~ U(−c, c) with c = γ / sqrt(fan).
+        fan_mode: ``"fan_in"`` or ``"fan_out"`` (convs only; dense layers always use fan_in, spec §4).
+        bias_init: ``"uniform"`` (PyTorch's default, U(±1/sqrt(fan_in)); the paper does not say [?]) or
+            ``"zeros"``.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        *,
+        pool: bool = False,
+        relu: bool = True,
+        skip_in: int | None = None,
+        skip_stride: int = 2,
+        gain: float = 1.0,
+        fan_mode: str = "fan_in",
+        bias_init: str = "uniform",
+    ) -> None:
+        super().__init__()
+        if kind not in ("conv", "dense"):
+            raise ValueError(f"layer kind must be 'conv' or 'dense', got {kind!r}")
+        if kind == "dense" and (pool or skip_in):
+            raise ValueError("a dense layer has no pool and no skip input")
+        if fan_mode not in ("fan_in", "fan_out"):
+            raise ValueError(f"fan_mode must be 'fan_in' or 'fan_out', got {fan_mode!r}")
+        if bias_init not in ("uniform", "zeros"):
+            raise ValueError(f"bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+        self.kind, self.pool, self.relu, self.skip_stride = kind, pool, relu, skip_stride
+        shape = (out_features, in_features, 3, 3) if kind == "conv" else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.skip_weight = (
+            nn.Parameter(torch.empty(out_features, skip_in, 1, 1)) if skip_in else None
+        )
+        self.reset_parameters(gain, fan_mode if kind == "conv" else "fan_in", bias_init)
+
+    def reset_parameters(self, gain: float, fan_mode: str, bias_init: str) -> None:
+        """Spec Eq. 21: U(−γ/sqrt(fan), +γ/sqrt(fan)), fan = ch·kh·kw of the chosen side."""
+        for w in (self.weight, self.skip_weight):
+            if w is None:
+                continue
+            receptive = math.prod(w.shape[2:])
+            fan = (w.shape[1] if fan_mode == "fan_in" else w.shape[0]) * receptive
+            nn.init.uniform_(w, -gain / math.sqrt(fan), gain / math.sqrt(fan))
+        if bias_init == "zeros":
+            nn.init.zeros_(self.bias)
+        else:
+            bound = 1.0 / math.sqrt(math.prod(self.weight.shape[1:]))
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # -- forward pieces -------------------------------------------------------------------------
+    def linear(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        """c = W * x [+ S * skip], without bias. Linear in (x, skip): the nudged phase feeds it
+        the perturbation h − h* and adds the cached free c*, which keeps small nudges exact."""
+        if self.kind == "dense":
+            return F.linear(x.flatten(1), self.weight)
+        c = F.conv2d(x, self.weight, padding=1)
+        if self.skip_weight is not None:
+            c = c + F.conv2d(skip, self.skip_weight, stride=self.skip_stride)
+        return c
+
+    def pool_bias(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+        """a = maxpool(c) + b; also returns the argmax indices the transposed map routes through."""
+        bias = self.bias.view(-1, 1, 1) if self.kind == "conv" else self.bias
+        if not self.pool:
+            return c + bias, None
+        pooled, indices = F.max_pool2d(c, 2, 2, return_indices=True)
+        return pooled + bias, indices
+
+    def activation(self, a: Tensor) -> Tensor:
+        return torch.relu(a) if self.relu else a
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        return self.activation(self.pool_bias(self.linear(x, skip))[0])
+
+    # -- transposed maps ------------------------------------------------------------------------
+    def unpool(self, grad_a: Tensor, indices: Tensor | None, c: Tensor) -> Tensor:
+        """Gradient w.r.t. a → gradient w.r.t. c: max-pool routes it to the argmax. (The pooling
+        backward kernel itself: unlike ``max_unpool2d`` it is allowed in deterministic mode.)"""
+        if not self.pool:
+            return grad_a
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_a, c, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        )
+
+    def input_vjp(
+        self, grad_c: Tensor, x_shape: torch.Size, skip_shape: torch.Size | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(∂c/∂x)^T grad_c and (∂c/∂skip)^T grad_c."""
+        if self.kind == "dense":
+            return (grad_c @ self.weight).view(x_shape), None
+        grad_x = conv2d_input(x_shape, self.weight, grad_c, padding=1)
+        grad_skip = None
+        if self.skip_weight is not None:
+            grad_skip = conv2d_input(skip_shape, self.skip_weight, grad_c, stride=self.skip_stride)
+        return grad_x, grad_skip
+
+    def param_grads(
+        self, x: Tensor, skip: Tensor | None, grad_a: Tensor, grad_c: Tensor
+    ) -> list[Tensor]:
+        """(∂a/∂θ)^T grad_a for every parameter, in ``self.parameters()`` order."""
+        if self.kind == "dense":
+            return [grad_c.t() @ x.flatten(1), grad_a.sum(0)]
+        grads = [
+            conv2d_weight(x, self.weight.shape, grad_c, padding=1),
+            grad_a.sum((0, 2, 3)),
+        ]
+        if self.skip_weight is not None:
+            grads.append(
+                conv2d_weight(skip, self.skip_weight.shape, grad_c, stride=self.skip_stride)
+            )
+        return grads

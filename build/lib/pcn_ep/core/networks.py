@@ -1,0 +1,256 @@
+"""PCN architectures: a chain of ``PCNLayer`` with optional skip inputs (spec §4).
+
+States are numbered as in the paper: h_0 = x (fixed), h_1..h_L, with h_L the linear output. Layer k
+(``layers[k - 1]``) maps h_{k-1} (and its skip source h_s, if any) to the prediction f_k of h_k.
+
+The same ``free_phase`` serves every use: it is the forward pass of backprop (``forward``), the free
+equilibrium of EP (it keeps the linear parts c_k and pool indices that the nudged phase reuses) and
+the prediction at test time.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .layers import PCNLayer
+
+
+@dataclass
+class FreeState:
+    """The feedforward state h* and what the nudged phase reuses.
+
+    Lists are indexed by layer/state number; entry 0 of ``c``, ``a``, ``indices`` is ``None``.
+    """
+
+    h: list[Tensor]
+    c: list[Tensor | None]
+    a: list[Tensor | None]
+    indices: list[Tensor | None]
+
+    def repeat(self, copies: int) -> "FreeState":
+        """Stack ``copies`` copies along the batch (centered EP runs +β and −β as one batch)."""
+        if copies == 1:
+            return self
+
+        def rep(ts):
+            return [None if t is None else torch.cat([t] * copies) for t in ts]
+
+        return FreeState(rep(self.h), rep(self.c), rep(self.a), rep(self.indices))
+
+
+class PCN(nn.Module):
+    """A predictive coding network over a feedforward chain.
+
+    Args:
+        layers: layer k is ``layers[k - 1]``; the last one is the linear output layer.
+        skips: ``{target k: source s}``; the target layer must have been built with ``skip_in``.
+    """
+
+    def __init__(self, layers: list[PCNLayer], skips: dict[int, int] | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.skips = dict(skips or {})
+        for target, source in self.skips.items():
+            if not 0 <= source < target - 1 or self.layers[target - 1].skip_weight is None:
+                raise ValueError(f"invalid skip {source}->{target}")
+        if layers[-1].relu:
+            raise ValueError("the output layer must be linear (relu=False), spec Eq. 14")
+
+    @property
+    def depth(self) -> int:
+        """L, the number of layers (= trainable state layers h_1..h_L)."""
+        return len(self.layers)
+
+    def sources(self, k: int) -> list[int]:
+        """States that layer k reads: h_{k-1} and its skip source."""
+        return [k - 1] + ([self.skips[k]] if k in self.skips else [])
+
+    def readers(self, k: int) -> list[int]:
+        """Layers that read state h_k."""
+        return [j for j in range(1, self.depth + 1) if k in self.sources(j)]
+
+    def layer_inputs(self, h: list[Tensor], k: int) -> tuple[Tensor, Tensor | None]:
+        return h[k - 1], (h[self.skips[k]] if k in self.skips else None)
+
+    def free_phase(self, x: Tensor) -> FreeState:
+        """One forward pass (spec §1.2): the free equilibrium, global minimum of F at β = 0."""
+        state = FreeState([x], [None], [None], [None])
+        for k, layer in enumerate(self.layers, start=1):
+            c = layer.linear(*self.layer_inputs(state.h, k))
+            a, indices = layer.pool_bias(c)
+            state.c.append(c)
+            state.a.append(a)
+            state.indices.append(indices)
+            state.h.append(layer.activation(a))
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The logits h_L of the feedforward pass (backprop and evaluation)."""
+        return self.free_phase(x).h[-1]
+
+
+def _width(channels: int, width_mult: float) -> int:
+    return max(1, round(channels * width_mult))
+
+
+def _conv_stack(
+    spec: list[tuple[int, bool]],
+    in_channels: int,
+    width_mult: float,
+    gain: float,
+    fan_mode: str,
+    bias_init: str,
+    skip_in: dict[int, int] | None = None,
+) -> list[PCNLayer]:
+    """Conv layers from ``[(out_channels, pool), ...]``; ``skip_in`` maps layer number → source channels."""
+    layers, channels = [], in_channels
+    for k, (out, pool) in enumerate(spec, start=1):
+        out = _width(out, width_mult)
+        layers.append(
+            PCNLayer(
+                "conv", channels, out, pool=pool, gain=gain, fan_mode=fan_mode,
+                bias_init=bias_init, skip_in=(skip_in or {}).get(k),
+            )
+        )
+        channels = out
+    return layers
+
+
+class MLP(PCN):
+    """Dense ReLU layers of the given widths, then a linear output (the parity and toy network)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: Sequence[int] = (256,),
+        gain: float = 1.0,
+        output_gain: float = 1.0,
+        bias_init: str = "uniform",
+    ) -> None:
+        sizes = [in_features, *hidden]
+        layers = [
+            PCNLayer("dense", i, o, gain=gain, bias_init=bias_init)
+            for i, o in zip(sizes[:-1], sizes[1:])
+        ]
+        layers.append(
+            PCNLayer("dense", sizes[-1], num_classes, relu=False, gain=output_gain,
+                     bias_init=bias_init)
+        )
+        super().__init__(layers)
+
+
+class VGG5(PCN):
+    """VGG5 of spec Table 5 (input 32×32 in the paper).
+
+    ``variant="4conv"`` (default): conv128-pool, conv256-pool, conv512-pool, conv512-pool, dense; five
+    weight layers, as the name says and as in PCX's VGG5 and Scellier et al. (2023), which this paper
+    builds on. ``variant="5conv"``: the six rows of the extracted table (conv128, conv256-pool,
+    conv512-pool, conv512-pool, conv512-pool, dense). Spec §4 flags the discrepancy.
+    Convs use fan_in (spec Eq. 21); ``output_gain=0.2`` is Fig. 3's variant.
+    """
+
+    SPECS = {
+        "4conv": [(128, True), (256, True), (512, True), (512, True)],
+        "5conv": [(128, False), (256, True), (512, True), (512, True), (512, True)],
+    }
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        input_size: int = 32,
+        width_mult: float = 1.0,
+        variant: str = "4conv",
+        gain: float = 1.0,
+        output_gain: float = 1.0,
+        conv_fan_mode: str = "fan_in",
+        bias_init: str = "uniform",
+    ) -> None:
+        if variant not in self.SPECS:
+            raise ValueError(f"VGG5 variant must be one of {sorted(self.SPECS)}, got {variant!r}")
+        spec = self.SPECS[variant]
+        layers = _conv_stack(spec, in_channels, width_mult, gain, conv_fan_mode, bias_init)
+        side = _pooled_side(input_size, sum(pool for _, pool in spec))
+        layers.append(
+            PCNLayer("dense", layers[-1].weight.shape[0] * side * side, num_classes, relu=False,
+                     gain=output_gain, bias_init=bias_init)
+        )
+        super().__init__(layers)
+
+
+class VGG10(PCN):
+    """VGG10 of spec Table 6: 8 convs in 5 pooled stages, dense 2048, linear 1000 (input 224×224).
+
+    Conv weights use fan_out (spec Eq. 21). ``width_mult`` scales every conv and the hidden dense
+    layer, so tests can run the real topology small.
+    """
+
+    SPEC = [(64, True), (128, True), (256, False), (256, True), (512, False), (512, True),
+            (512, False), (512, True)]
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        input_size: int = 224,
+        width_mult: float = 1.0,
+        fc_width: int = 2048,
+        gain: float = 1.0,
+        output_gain: float = 1.0,
+        conv_fan_mode: str = "fan_out",
+        bias_init: str = "uniform",
+        skips: dict[int, int] | None = None,
+    ) -> None:
+        skip_in = {t: _width(self.SPEC[s - 1][0], width_mult) for t, s in (skips or {}).items()}
+        layers = _conv_stack(self.SPEC, in_channels, width_mult, gain, conv_fan_mode, bias_init,
+                             skip_in)
+        side = _pooled_side(input_size, 5)
+        fc = _width(fc_width, width_mult)
+        layers.append(
+            PCNLayer("dense", layers[-1].weight.shape[0] * side * side, fc, gain=gain,
+                     bias_init=bias_init)
+        )
+        layers.append(
+            PCNLayer("dense", fc, num_classes, relu=False, gain=output_gain, bias_init=bias_init)
+        )
+        super().__init__(layers, skips)
+
+
+class VGG10Skip(VGG10):
+    """VGG10 with strided 1×1 conv skips from state 2 to layer 5 and from state 5 to layer 8 (§5.5).
+
+    How a skip enters the energy: the skip is part of the target layer's prediction,
+    f_k(h_{k-1}, h_s) = ReLU(maxpool(conv3x3(h_{k-1}) + conv1x1_stride2(h_s)) + b_k), so
+    ε_k = h_k − f_k(h_{k-1}, h_s) and h_s receives top-down error both from layer s+1 and from layer k.
+    The skip is added before the pool, where both paths have the same resolution (stride 2 in both
+    skips: 56→28 into layer 5, 28→14 into layer 8's conv output); the paper does not say [?].
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        input_size: int = 224,
+        width_mult: float = 1.0,
+        fc_width: int = 2048,
+        gain: float = 1.0,
+        output_gain: float = 1.0,
+        conv_fan_mode: str = "fan_out",
+        bias_init: str = "uniform",
+    ) -> None:
+        super().__init__(in_channels, num_classes, input_size, width_mult, fc_width, gain,
+                         output_gain, conv_fan_mode, bias_init, skips={5: 2, 8: 5})
+
+
+def _pooled_side(input_size: int, pools: int) -> int:
+    side = input_size // 2**pools
+    if side < 1:
+        raise ValueError(f"input_size {input_size} is too small for {pools} 2×2 max-pools")
+    return side
+
+
+NETWORKS = {"mlp": MLP, "vgg5": VGG5, "vgg10": VGG10, "vgg10skip": VGG10Skip}

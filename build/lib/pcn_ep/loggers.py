@@ -1,0 +1,45 @@
+"""A W&B logger that never hangs: offline unless an API key is configured."""
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+
+
+def wandb_key_configured() -> bool:
+    """An API key in ``WANDB_API_KEY`` or in ``~/.netrc`` (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.exists() and netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's ``WandbLogger`` with ``offline`` decided for you.
+
+    ``offline=None`` (default): online when an API key is configured and ``WANDB_MODE`` does not say
+    otherwise, else offline (a local run folder under ``save_dir/wandb``; ``wandb sync`` uploads it
+    later). Project, group and tags come from the config, e.g. group = the paper table, tags = the cell.
+    """
+
+    def __init__(
+        self,
+        project: str = "pcn-ep",
+        name: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        save_dir: str = ".",
+        offline: bool | None = None,
+        **kwargs,
+    ) -> None:
+        if offline is None:
+            mode = os.environ.get("WANDB_MODE", "")
+            offline = mode in ("offline", "dryrun", "disabled") or not wandb_key_configured()
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(project=project, name=name, group=group, tags=tags, save_dir=save_dir,
+                         offline=offline, **kwargs)

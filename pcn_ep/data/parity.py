@@ -1,0 +1,52 @@
+"""Sparse parity: the task of the failed EP write-up, with its exact generator (spec/sparse_parity.md)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import TensorDataModule
+
+
+def sparse_parity(n_bits: int, k_sparse: int, n_samples: int, seed: int,
+                  secret: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The write-up's generator: ``RandomState(seed)`` draws the secret, then ±1 inputs.
+
+    With ``secret`` given (the test split), the seed's own secret draw is made and discarded, so
+    the inputs are those of the original code, labelled with the training secret.
+    """
+    if not 1 <= k_sparse <= n_bits:
+        raise ValueError(f"need 1 <= k_sparse <= n_bits, got k={k_sparse}, n={n_bits}")
+    rng = np.random.RandomState(seed)
+    drawn = sorted(rng.choice(n_bits, k_sparse, replace=False).tolist())
+    secret = drawn if secret is None else secret
+    x = rng.choice([-1.0, 1.0], size=(n_samples, n_bits))
+    y = np.prod(x[:, secret], axis=1)
+    return x, y, secret
+
+
+class SparseParityDataModule(TensorDataModule):
+    """Train on ``sparse_parity(n, k, n_train, seed)``; test on seed + 1000 with the train secret.
+
+    Labels are class indices (0 for y = −1, 1 for y = +1) for the CE-trained PCN; ``y_pm`` gives
+    the ±1 labels. The validation split is the test split (the write-up has no other).
+    """
+
+    num_classes = 2
+
+    def __init__(self, n_bits: int = 20, k_sparse: int = 3, n_train: int = 500,
+                 n_test: int = 200, seed: int = 42, batch_size: int = 32) -> None:
+        super().__init__(batch_size, seed)
+        self.n_bits, self.k_sparse, self.n_train, self.n_test = n_bits, k_sparse, n_train, n_test
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y, self.secret = sparse_parity(self.n_bits, self.k_sparse, self.n_train, self.seed)
+        xt, yt, _ = sparse_parity(self.n_bits, self.k_sparse, self.n_test, self.seed + 1000,
+                                  self.secret)
+
+        def split(a, b):
+            return torch.tensor(a, dtype=torch.float32), torch.tensor((b > 0).astype(np.int64))
+
+        self.splits = {"train": split(x, y), "test": split(xt, yt)}
+        self.splits["val"] = self.splits["test"]

@@ -1,0 +1,94 @@
+"""Digits data module, optimizer and schedule, packaging of the embedded default."""
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from pcn_ep.cli import DEFAULT_CONFIG, main
+from pcn_ep.core import MLP
+from pcn_ep.data import DigitsDataModule, EpochShuffle
+from pcn_ep.module import PCNEPModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_split_is_fixed_disjoint_and_normalized():
+    a, b = DigitsDataModule(image_size=16, seed=0), DigitsDataModule(image_size=16, seed=0)
+    a.setup(), b.setup()
+    sizes = {k: len(v[1]) for k, v in a.splits.items()}
+    assert sizes == {"train": 1257, "val": 180, "test": 360}
+    assert all(torch.equal(a.splits[k][0], b.splits[k][0]) for k in sizes)
+    x_train = a.splits["train"][0]
+    assert x_train.shape[1:] == (1, 16, 16)
+    assert abs(x_train.mean().item()) < 1e-4 and abs(x_train.std().item() - 1) < 1e-3
+    rows = {k: {tuple(r.tolist()) for r in v[0].flatten(1)} for k, v in a.splits.items()}
+    assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+    assert set(a.splits["test"][1].tolist()) == set(range(10))
+    c = DigitsDataModule(seed=1)
+    c.setup()
+    assert not torch.equal(c.splits["test"][0], a.splits["test"][0])
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch():
+    s = EpochShuffle(50, seed=3)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    s.set_epoch(0)
+    assert list(s) == first != second and sorted(first) == list(range(50))
+
+
+def _train(tmp_path, **hparams):
+    torch.manual_seed(0)
+    data = DigitsDataModule(image_size=8, flatten=True, batch_size=64)
+    module = PCNEPModule(MLP(64, 10, hidden=(32,)), K=2, **hparams)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    return module, trainer
+
+
+def test_per_step_cosine_reaches_eta_min_and_layer_lrs_make_groups(tmp_path):
+    module, trainer = _train(tmp_path, lr=0.1, eta_min=1e-3, schedule_interval="step",
+                             layer_lrs=[0.1, 0.05])
+    optimizer = trainer.optimizers[0]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3], abs=1e-9)
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 10
+
+
+def test_per_epoch_cosine_follows_the_paper_schedule(tmp_path):
+    module, trainer = _train(tmp_path, lr=0.1, eta_min=0.0, t_max=4)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]  # after epoch 1 started: one step of 4
+    assert lr == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+
+
+def test_embedded_default_is_shipped_in_the_package(tmp_path):
+    assert DEFAULT_CONFIG.is_file()
+    assert (ROOT / "configs" / "quickstart.yaml").read_text() == DEFAULT_CONFIG.read_text()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+    wheel = next(tmp_path.glob("pcn_ep-*.whl"))
+    assert "pcn_ep/configs/quickstart.yaml" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_print_config_resolves_the_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--print_config"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "pcn_ep.core.VGG5" in out and "centered" in out
+
+
+def test_quickstart_configs_differ_only_in_algorithm_and_paths():
+    import yaml
+
+    ep = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    bp = yaml.safe_load((ROOT / "configs" / "quickstart_bp.yaml").read_text())
+    assert ep["model"] | {"algorithm": "bp"} == bp["model"] and ep["data"] == bp["data"]
+    assert ep["trainer"]["max_epochs"] == bp["trainer"]["max_epochs"]
