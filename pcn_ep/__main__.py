@@ -1,17 +1,23 @@
-"""``python -m pcn_ep {fit,validate,test,gradcheck} ...``: one entry point for every command."""
+"""``python -m pcn_ep COMMAND ...``: one entry point for every command.
+
+fit | validate | test   LightningCLI training and evaluation (``pcn_ep.cli``)
+gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.gradcheck``)
+parity                  the sparse-parity table (``pcn_ep.parity``)
+"""
+import importlib
 import sys
+
+TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "fit"
-    if command == "gradcheck":
-        from .gradcheck import main as gradcheck
-
-        return gradcheck(argv[1:])
+    if command in TOOLS:
+        return importlib.import_module(TOOLS[command]).main(argv[1:])
     from .cli import main as lightning_main
 
-    return lightning_main(argv)
+    return lightning_main(argv or ["fit"])
 
 
 if __name__ == "__main__":

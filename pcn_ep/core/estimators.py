@@ -51,6 +51,9 @@ class Backprop:
     def __init__(self, cost: str = "ce") -> None:
         self.cost: Cost = get_cost(cost)
 
+    def predict(self, network: PCN, x: Tensor) -> Tensor:
+        return network(x)
+
     def __call__(self, network: PCN, x: Tensor, y: Tensor) -> Estimate:
         logits = network(x)
         loss = self.cost.value(logits, y).mean()
@@ -97,6 +100,10 @@ class EquilibriumPropagation:
         self.cost, self.perturbation, self.scheme, self.beta = get_cost(cost), perturbation, scheme, beta
         self.dynamics = dynamics or Dynamics()
         self.trace, self.generator, self.count_kinks = trace, generator, count_kinks
+
+    def predict(self, network: PCN, x: Tensor) -> Tensor:
+        """The prediction is the free state's output: a forward pass (spec §1.2)."""
+        return network(x)
 
     def signed_betas(self, batch: int, device: torch.device) -> tuple[Tensor, int]:
         """Per-example β_i for the stacked nudged batch, and the number of copies of the batch."""

@@ -61,6 +61,10 @@ class HopfieldEP:
         zeros = x.new_zeros
         return self.relax(net, x, self.free_steps, zeros(len(x), net.b1.numel()), zeros(len(x), 1))
 
+    def predict(self, net: HopfieldNet, x: Tensor) -> Tensor:
+        o = self.free_phase(net, x)[1]
+        return torch.cat([-o, o], 1)
+
     def __call__(self, net: HopfieldNet, x: Tensor, y: Tensor) -> Estimate:
         with torch.no_grad():
             t = (2 * y - 1).to(x.dtype).view(-1, 1)
