@@ -3,11 +3,12 @@
 fit | validate | test   LightningCLI training and evaluation (``pcn_ep.cli``)
 gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.gradcheck``)
 parity                  the sparse-parity table (``pcn_ep.parity``)
+bench                   EP vs backprop step time and FLOPs (``pcn_ep.bench``)
 """
 import importlib
 import sys
 
-TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity"}
+TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity", "bench": "pcn_ep.bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,10 +131,12 @@ class PCNLayer(nn.Module):
         """(∂c/∂x)^T grad_c and (∂c/∂skip)^T grad_c."""
         if self.kind == "dense":
             return (grad_c @ self.weight).view(x_shape), None
-        grad_x = conv2d_input(x_shape, self.weight, grad_c, padding=1)
+        g, w = _compute(grad_c, self.weight)
+        grad_x = conv2d_input(x_shape, w, g, padding=1).to(grad_c.dtype)
         grad_skip = None
         if self.skip_weight is not None:
-            grad_skip = conv2d_input(skip_shape, self.skip_weight, grad_c, stride=self.skip_stride)
+            g, s = _compute(grad_c, self.skip_weight)
+            grad_skip = conv2d_input(skip_shape, s, g, stride=self.skip_stride).to(grad_c.dtype)
         return grad_x, grad_skip
 
     def param_grads(
@@ -143,12 +145,23 @@ class PCNLayer(nn.Module):
         """(∂a/∂θ)^T grad_a for every parameter, in ``self.parameters()`` order."""
         if self.kind == "dense":
             return [grad_c.t() @ x.flatten(1), grad_a.sum(0)]
+        xc, gc = _compute(x, grad_c)
         grads = [
-            conv2d_weight(x, self.weight.shape, grad_c, padding=1),
+            conv2d_weight(xc, self.weight.shape, gc, padding=1).to(grad_c.dtype),
             grad_a.sum((0, 2, 3)),
         ]
         if self.skip_weight is not None:
-            grads.append(
-                conv2d_weight(skip, self.skip_weight.shape, grad_c, stride=self.skip_stride)
-            )
+            sc, gc = _compute(skip, grad_c)
+            grads.append(conv2d_weight(sc, self.skip_weight.shape, gc, stride=self.skip_stride)
+                         .to(grad_c.dtype))
         return grads
+
+
+def _compute(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on: the transposed convolutions are not on
+    autocast's op list, and they should run in bf16 like the forward ones."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)

@@ -79,7 +79,9 @@ class PCN(nn.Module):
         """One forward pass (spec §1.2): the free equilibrium, global minimum of F at β = 0."""
         state = FreeState([x], [None], [None], [None])
         for k, layer in enumerate(self.layers, start=1):
-            c = layer.linear(*self.layer_inputs(state.h, k))
+            # Under bf16 autocast the conv runs in bf16; c* is kept in the states' dtype, so the
+            # nudged phase's c* + W(h − h*) keeps perturbations far below bf16's resolution.
+            c = layer.linear(*self.layer_inputs(state.h, k)).to(x.dtype)
             a, indices = layer.pool_bias(c)
             state.c.append(c)
             state.a.append(a)
