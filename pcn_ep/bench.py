@@ -16,8 +16,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import NETWORKS, ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation
-from .gradcheck import build_network
+from .core import ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation
+from .gradcheck import add_network_arguments, build_network
 
 # Dense peak throughput per GPU, FLOP/s (vendor datasheets; SXM parts; fp32 = non-tensor-core).
 PEAK_FLOPS = {"H100": {"bf16": 989e12, "32": 67e12}, "H200": {"bf16": 989e12, "32": 67e12},
@@ -26,11 +26,7 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "32": 67e12}, "H200": {"bf16": 989e12, "3
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcn_ep bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5")
-    p.add_argument("--width-mult", type=float, default=0.25)
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=10)
+    add_network_arguments(p, width_mult=0.25)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scheme", choices=SCHEMES, default="centered")
     p.add_argument("--beta", type=float, default=0.05)

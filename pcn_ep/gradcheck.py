@@ -63,13 +63,18 @@ def build_network(args: argparse.Namespace) -> PCN:
                                 input_size=args.input_size, width_mult=args.width_mult)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0])
+def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None:
+    """The flags that pick a network (shared by ``gradcheck`` and ``bench``)."""
     p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5")
-    p.add_argument("--width-mult", type=float, default=0.125)
+    p.add_argument("--width-mult", type=float, default=width_mult)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=10)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0])
+    add_network_arguments(p, width_mult=0.125)
     p.add_argument("--cost", choices=["ce", "mse"], default="ce")
     p.add_argument("--perturbation", choices=PERTURBATIONS, default="nudge")
     p.add_argument("--scheme", choices=SCHEMES, default="centered")

@@ -7,6 +7,7 @@ takes one optimizer step. Validation and test are a forward pass: top-1 / top-5 
 from __future__ import annotations
 
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -127,8 +128,10 @@ class PCNEPModule(L.LightningModule):
         before or after the epoch's end resumes on the same learning rate."""
         if self.hparams.schedule_interval == "epoch":
             scheduler = self.lr_schedulers()
-            while scheduler.last_epoch < self.current_epoch:
-                scheduler.step()
+            with warnings.catch_warnings():  # after a resume no optimizer step has run yet: fine
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                while scheduler.last_epoch < self.current_epoch:
+                    scheduler.step()
 
     def configure_optimizers(self):
         hp = self.hparams

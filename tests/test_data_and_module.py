@@ -1,5 +1,6 @@
 """Digits data module, optimizer and schedule, packaging of the embedded default."""
 import math
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -72,8 +73,12 @@ def test_per_epoch_cosine_follows_the_paper_schedule(tmp_path):
 def test_embedded_default_is_shipped_in_the_package(tmp_path):
     assert DEFAULT_CONFIG.is_file()
     assert (ROOT / "configs" / "quickstart.yaml").read_text() == DEFAULT_CONFIG.read_text()
+    src = tmp_path / "src"  # build a copy: an in-tree build would leave build/ in the checkout
+    shutil.copytree(ROOT / "pcn_ep", src / "pcn_ep", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=300)
+                    "-q", "-w", str(tmp_path), str(src)], check=True, timeout=300)
     wheel = next(tmp_path.glob("pcn_ep-*.whl"))
     assert "pcn_ep/configs/quickstart.yaml" in zipfile.ZipFile(wheel).namelist()
 
