@@ -4,11 +4,13 @@ fit | validate | test   LightningCLI training and evaluation (``pcn_ep.cli``)
 gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.gradcheck``)
 parity                  the sparse-parity table (``pcn_ep.parity``)
 bench                   EP vs backprop step time and FLOPs (``pcn_ep.bench``)
+write-ffcv              an ImageFolder tree to an FFCV .beton (``pcn_ep.data.write_ffcv``)
 """
 import importlib
 import sys
 
-TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity", "bench": "pcn_ep.bench"}
+TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity", "bench": "pcn_ep.bench",
+         "write-ffcv": "pcn_ep.data.write_ffcv"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,11 +45,11 @@ class PCNCLI(LightningCLI):
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pcn_ep {{{','.join(SUBCOMMANDS)},gradcheck,parity,bench}} [--config FILE] ...")
+        print(f"usage: python -m pcn_ep {{{','.join(SUBCOMMANDS)},gradcheck,parity,bench,write-ffcv}} [--config FILE] ...")
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         print(f"pcn_ep: error: unknown command {argv[0]!r}; choose one of "
-              f"{', '.join(SUBCOMMANDS)}, gradcheck, parity, bench", file=sys.stderr)
+              f"{', '.join(SUBCOMMANDS)}, gradcheck, parity, bench, write-ffcv", file=sys.stderr)
         return 2
     if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
         argv = [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]

@@ -1,7 +1,9 @@
 """Data modules. They know nothing of PCNs or EP."""
 from .base import EpochShuffle, TensorDataModule
 from .digits import DigitsDataModule
+from .images import ImageDataModule
+from .imagenet import ImageNetDataModule
 from .parity import SparseParityDataModule, sparse_parity
 
-__all__ = ["EpochShuffle", "TensorDataModule", "DigitsDataModule", "SparseParityDataModule",
+__all__ = ["EpochShuffle", "TensorDataModule", "DigitsDataModule", "ImageDataModule", "ImageNetDataModule", "SparseParityDataModule",
            "sparse_parity"]

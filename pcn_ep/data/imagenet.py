@@ -1,0 +1,167 @@
+"""Full-size ImageNet at 224×224, from FFCV .beton files or from ImageFolder trees.
+
+Both backends decode and crop on the loader side and hand uint8 NCHW batches to the device, where
+``on_after_batch_transfer`` normalizes them with the paper's Table 4 statistics, so they give
+batches of the same shape, dtype and normalization.
+
+Crop recipe (the paper does not state it, spec §6 [?]; ours is the standard torchvision / FFCV
+ImageNet recipe, configurable):
+- train, ``train_crop: random_resized`` (default): RandomResizedCrop to 224, scale (``min_scale``, 1),
+  aspect ratio (3/4, 4/3), then horizontal flip;
+- train, ``train_crop: random``: resize the short side to ``val_resize`` (256), center 256², random
+  224² crop (done on the device), horizontal flip;
+- validation / test: resize the short side to 256 and center-crop 224 (FFCV: crop ratio 224/256).
+
+Batch size is per process: under DDP with N GPUs the global batch is N × ``batch_size`` (the paper
+ran batch 256 on one GPU; for the same global batch on 8 GPUs use 32, or keep 256 per GPU and scale
+the learning rate linearly, 0.02 × 8, as a starting point). With FFCV the loaders are built inside
+the dataloader hooks, after the process group exists, with ``distributed=True`` under DDP; each
+rank reads 1/N of every epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .images import STATS, normalize, random_crops
+
+MEAN, STD = STATS["imagenet"]
+
+
+class ImageNetDataModule(L.LightningDataModule):
+    """ImageNet (or any ImageFolder-shaped data set) for the VGG10 runs.
+
+    Args:
+        train_path / val_path: .beton files (``backend: ffcv``, written by ``python -m pcn_ep
+            write-ffcv``) or ImageFolder roots (``backend: folder``). ``val_path`` also serves test.
+        num_classes: classes the data must have (checked against the labels of the folder / file).
+        image_size, val_resize, train_crop, min_scale: the crop recipe above.
+        batch_size: per process. num_workers: decoding workers per process.
+        drop_last: drop the last incomplete training batch (FFCV's ImageNet recipe does).
+        os_cache: FFCV reads through the OS page cache (fast when the file fits in RAM).
+    """
+
+    def __init__(
+        self,
+        train_path: str,
+        val_path: str,
+        backend: str = "ffcv",
+        num_classes: int = 1000,
+        image_size: int = 224,
+        val_resize: int = 256,
+        train_crop: str = "random_resized",
+        min_scale: float = 0.08,
+        batch_size: int = 256,
+        num_workers: int = 8,
+        drop_last: bool = True,
+        os_cache: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if backend not in ("ffcv", "folder"):
+            raise ValueError(f"backend must be 'ffcv' or 'folder', got {backend!r}")
+        if train_crop not in ("random_resized", "random"):
+            raise ValueError(f"train_crop must be 'random_resized' or 'random', got {train_crop!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_path, self.val_path = Path(train_path), Path(val_path)
+        self.backend, self.num_classes = backend, num_classes
+        self.image_size, self.val_resize = image_size, val_resize
+        self.train_crop, self.min_scale = train_crop, min_scale
+        self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
+        self.os_cache, self.seed = os_cache, seed
+
+    # -- checks ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        for path in (self.train_path, self.val_path):
+            if not path.exists():
+                raise FileNotFoundError(f"ImageNet data not found: {path}")
+        if self.backend == "folder":
+            from torchvision.datasets import ImageFolder
+
+            found = len(ImageFolder(str(self.train_path)).classes)
+            if found != self.num_classes:
+                raise ValueError(f"{self.train_path} has {found} classes, num_classes is "
+                                 f"{self.num_classes}")
+
+    # -- loaders -----------------------------------------------------------------------------
+    @property
+    def _distributed(self) -> bool:
+        return self.trainer is not None and self.trainer.world_size > 1
+
+    @property
+    def _train_side(self) -> int:
+        return self.val_resize if self.train_crop == "random" else self.image_size
+
+    def _ffcv_loader(self, path: Path, train: bool):
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
+                                          RandomResizedCropRGBImageDecoder)
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+        if train and self.train_crop == "random_resized":
+            decoder = RandomResizedCropRGBImageDecoder((self.image_size,) * 2,
+                                                       scale=(self.min_scale, 1.0))
+        elif train:
+            decoder = CenterCropRGBImageDecoder((self.val_resize,) * 2, ratio=1.0)
+        else:
+            decoder = CenterCropRGBImageDecoder((self.image_size,) * 2,
+                                                ratio=self.image_size / self.val_resize)
+        image = [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor(),
+                                                                           ToTorchImage()]
+        try:
+            return Loader(
+                str(path), batch_size=self.batch_size, num_workers=self.num_workers,
+                order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                drop_last=train and self.drop_last, os_cache=self.os_cache,
+                distributed=self._distributed, seed=self.seed,
+                pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
+            )
+        except Exception as err:  # FFCV reports a corrupt header as assorted low-level errors
+            raise ValueError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err
+
+    def _folder_loader(self, path: Path, train: bool) -> DataLoader:
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms import v2
+
+        if train and self.train_crop == "random_resized":
+            crop = [v2.RandomResizedCrop(self.image_size, scale=(self.min_scale, 1.0),
+                                         antialias=True)]
+        elif train:
+            crop = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.val_resize)]
+        else:
+            crop = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.image_size)]
+        flip = [v2.RandomHorizontalFlip()] if train else []
+        dataset = ImageFolder(str(path), transform=v2.Compose(
+            [v2.PILToTensor(), v2.RGB()] + crop + flip))
+        # Under DDP Lightning replaces the sampler by a DistributedSampler, which pads the last
+        # rank's share with repeated examples so that every rank gets the same number of batches.
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train,
+                          num_workers=self.num_workers, drop_last=train and self.drop_last,
+                          persistent_workers=self.num_workers > 0)
+
+    def _loader(self, path: Path, train: bool):
+        if self.backend == "ffcv":
+            return self._ffcv_loader(path, train)
+        return self._folder_loader(path, train)
+
+    def train_dataloader(self):
+        return self._loader(self.train_path, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_path, False)
+
+    def test_dataloader(self):
+        return self._loader(self.val_path, False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        trainer = self.trainer
+        if self.train_crop == "random" and trainer is not None and trainer.training:
+            g = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + trainer.global_step) * 64 + trainer.global_rank)
+            x = random_crops(x, (self.image_size, self.image_size), g)
+        return normalize(x, MEAN, STD), y.long().view(-1)
