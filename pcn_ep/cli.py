@@ -15,6 +15,9 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .callbacks import AtomicCheckpointIO
 from .core import DivergenceError
 from .module import PCNEPModule
 
@@ -29,6 +32,7 @@ class PCNCLI(LightningCLI):
             L.LightningDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"plugins": [AtomicCheckpointIO()]},
             parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
             args=args,
         )
@@ -59,6 +63,10 @@ def main(argv: list[str]) -> int:
     except argparse.ArgumentError as err:  # unknown or misspelt key, wrong type, missing file
         print("pcn_ep: error: " + " ".join(l.strip() for l in str(err).splitlines()), file=sys.stderr)
         return 2
+    except SIGTERMException:
+        print("pcn_ep: stopped by SIGTERM after saving last.ckpt; resume with the same command and "
+              "--ckpt_path last", file=sys.stderr)
+        return 143
     except (ValueError, FileNotFoundError, DivergenceError) as err:
         print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 1

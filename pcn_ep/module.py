@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from .core import PCN, Backprop, Dynamics, EquilibriumPropagation
+from .core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation
 
 
 class PCNEPModule(L.LightningModule):
@@ -31,6 +31,10 @@ class PCNEPModule(L.LightningModule):
         schedule_interval: ``epoch`` (the paper) or ``step`` (the same curve, updated every step).
         layer_lrs: optional learning rate per layer (one entry per layer; the paper uses one).
         seed: seeds the random scheme's sign generator (its state is checkpointed).
+        on_divergence: a non-finite loss, state or gradient in a step either ``stop``s the run
+            with an error naming epoch, step, phase and layer (default), or ``skip``s the batch
+            (no update; counted and logged as ``skipped_batches``) until ``max_skipped`` is exceeded.
+            The checkpoint of the last good epoch is never overwritten by a diverged model.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class PCNEPModule(L.LightningModule):
         schedule_interval: str = "epoch",
         layer_lrs: list[float] | None = None,
         seed: int = 0,
+        on_divergence: str = "stop",
+        max_skipped: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
@@ -63,6 +69,8 @@ class PCNEPModule(L.LightningModule):
             raise ValueError(f"algorithm must be 'ep' or 'bp', got {algorithm!r}")
         if schedule_interval not in ("epoch", "step"):
             raise ValueError(f"schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
+        if on_divergence not in ("stop", "skip"):
+            raise ValueError(f"on_divergence must be 'stop' or 'skip', got {on_divergence!r}")
         if layer_lrs is not None and len(layer_lrs) != network.depth:
             raise ValueError(f"layer_lrs has {len(layer_lrs)} entries, the network {network.depth} layers")
         self.signs = torch.Generator().manual_seed(seed)
@@ -79,6 +87,12 @@ class PCNEPModule(L.LightningModule):
             for split in ("val", "test") for k in ((1, 5) if classes >= 5 else (1,))
         })
         self._last_step_start: float | None = None
+        self.skipped_batches = 0
+
+    def configure_callbacks(self):
+        from .callbacks import PreemptionCheckpoint
+
+        return [PreemptionCheckpoint()]
 
     @property
     def num_classes(self) -> int:
@@ -103,8 +117,17 @@ class PCNEPModule(L.LightningModule):
         now = time.perf_counter()
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        estimate = self.estimator(self.network, x, y)
+        try:
+            estimate = self.estimator(self.network, x, y)
+            if not torch.isfinite(estimate.loss):
+                raise DivergenceError(f"non-finite loss {estimate.loss.item()} at the free state")
+        except DivergenceError as err:
+            return self._diverged(err)
         self.manual_backward(estimate.surrogate)
+        if self.hparams.algorithm == "bp" and not all(
+                torch.isfinite(p.grad).all() for p in self.network.parameters()):
+            optimizer.zero_grad()
+            return self._diverged(DivergenceError("non-finite backprop gradient"))
         optimizer.step()
         if self.hparams.schedule_interval == "step":
             self.lr_schedulers().step()
@@ -122,6 +145,16 @@ class PCNEPModule(L.LightningModule):
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(y))
         self.log("train_error", error, prog_bar=True, on_step=True, on_epoch=False)
         return estimate.loss
+
+    def _diverged(self, err: DivergenceError) -> None:
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if self.hparams.on_divergence == "stop" or self.skipped_batches >= self.hparams.max_skipped:
+            extra = (f" (after skipping {self.skipped_batches} batches)"
+                     if self.hparams.on_divergence == "skip" else "")
+            raise DivergenceError(f"training diverged at {where}{extra}: {err}")
+        self.skipped_batches += 1
+        self.log("skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return None
 
     def on_train_epoch_start(self) -> None:
         """Bring a per-epoch schedule to the current epoch. Idempotent, so a checkpoint saved

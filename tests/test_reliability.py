@@ -1,0 +1,135 @@
+"""Divergence guard, SIGTERM preemption, SIGKILL crash recovery, atomic checkpoints."""
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from helpers import ep_estimator
+from pcn_ep.callbacks import AtomicCheckpointIO
+from pcn_ep.core import MLP, DivergenceError
+from pcn_ep.data import TensorDataModule
+from pcn_ep.module import PCNEPModule
+from test_training import final_weights, tiny_config
+
+
+class Poisoned(TensorDataModule):
+    """48 examples; the batches listed in ``bad`` contain a NaN input."""
+
+    num_classes = 3
+
+    def __init__(self, bad, batch_size=8):
+        super().__init__(batch_size)
+        self.bad = bad
+
+    def setup(self, stage=None):
+        x = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
+        for b in self.bad:
+            x[b * self.batch_size, 0] = float("nan")
+        y = torch.arange(48) % 3
+        self.splits = {"train": (x, y), "val": (x[:8].nan_to_num(), y[:8]), "test": (x, y)}
+
+    def train_dataloader(self):  # fixed order, so the poisoned batches are known
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*self.splits["train"]),
+                                           batch_size=self.batch_size)
+
+
+def _fit(module, data, tmp_path, **kw):
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, enable_checkpointing=False, **kw)
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_divergence_stops_with_epoch_and_step(tmp_path):
+    torch.manual_seed(0)
+    module = PCNEPModule(MLP(6, 3, hidden=(8,)), K=2)
+    with pytest.raises(DivergenceError, match="epoch 0, step 2"):
+        _fit(module, Poisoned(bad=[2]), tmp_path)
+
+
+def test_divergence_can_skip_batches_up_to_a_limit(tmp_path):
+    torch.manual_seed(0)
+    module = PCNEPModule(MLP(6, 3, hidden=(8,)), K=2, on_divergence="skip", max_skipped=2)
+    _fit(module, Poisoned(bad=[1, 4]), tmp_path)
+    assert module.skipped_batches == 2
+    assert all(torch.isfinite(p).all() for p in module.network.parameters())
+    module = PCNEPModule(MLP(6, 3, hidden=(8,)), K=2, on_divergence="skip", max_skipped=1)
+    with pytest.raises(DivergenceError, match="after skipping 1 batches"):
+        _fit(module, Poisoned(bad=[1, 4]), tmp_path)
+
+
+def test_nudged_phase_divergence_names_phase_and_layer():
+    torch.manual_seed(0)
+    net = MLP(6, 3, hidden=(8, 8))
+    # finite free state; an absurd nudge overflows float32 inside the relaxation
+    with pytest.raises(DivergenceError, match=r"layer \d after the \+beta/-beta nudged phase"):
+        ep_estimator("mse", beta=1e30, K=4)(net, torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+
+
+def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"a": torch.ones(3)}, tmp_path / "last.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    with pytest.raises(Exception):
+        io.save_checkpoint({"a": lambda: 0}, tmp_path / "last.ckpt")  # unpicklable
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.equal(torch.load(tmp_path / "last.ckpt")["a"], torch.ones(3))
+
+
+def _start(path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "pcn_ep", "fit", "--config", str(path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _slow_config(tmp_path):
+    path, cfg = tiny_config(tmp_path, K=12, t_max=3)
+    cfg["trainer"].update(max_epochs=3, limit_train_batches=None)
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.1)
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_the_run_completes(tmp_path):
+    path = _slow_config(tmp_path)
+    proc = _start(path)
+    _wait_for(tmp_path / "csv", proc)  # the run has started training
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err  # 128 + SIGTERM: stopped, not finished
+    assert "--ckpt_path last" in err.splitlines()[-1]
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["epoch"] < 2
+    resumed = _start(path, "--ckpt_path", "last")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    done = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert done["epoch"] == 2 and all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
+
+
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
+    path = _slow_config(tmp_path)
+    proc = _start(path)
+    _wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate()
+    assert not list((tmp_path / "checkpoints").glob("last.ckpt.partial*"))
+    torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)  # complete and readable
+    resumed = _start(path, "--ckpt_path", "last")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
