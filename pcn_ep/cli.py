@@ -17,7 +17,6 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import AtomicCheckpointIO
 from .core import DivergenceError
 from .module import PCNEPModule
 
@@ -32,7 +31,7 @@ class PCNCLI(LightningCLI):
             L.LightningDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+            trainer_defaults={"plugins": [{"class_path": "pcn_ep.callbacks.AtomicCheckpointIO"}]},
             parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
             args=args,
         )

@@ -133,3 +133,67 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+def _imagenet(path, backend="ffcv"):
+    return ["--data", "pcn_ep.data.ImageNetDataModule", "--data.train_path", str(path),
+            "--data.val_path", str(path), "--data.backend", backend, "--data.num_workers", "0",
+            "--data.num_classes", "10"]
+
+
+@pytest.mark.parametrize("case", ["missing root", "corrupt beton", "no classes", "classes",
+                                  "model", "rule", "scheme", "beta", "K", "batch too large",
+                                  "misspelt key"])
+def test_bad_input_gives_one_error_line_and_keeps_saved_files(tmp_path, capsys, case):
+    from pcn_ep.cli import main
+
+    path, _ = tiny_config(tmp_path)
+    saved = tmp_path / "checkpoints" / "last.ckpt"
+    saved.parent.mkdir()
+    saved.write_bytes(b"an earlier checkpoint")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.beton").write_bytes(b"\0" * 1000)
+    override, expect = {
+        "missing root": (_imagenet(tmp_path / "nowhere"), "nowhere"),
+        "corrupt beton": (_imagenet(tmp_path / "bad.beton"), "bad.beton"),
+        "no classes": (_imagenet(tmp_path / "empty", "folder"), "class"),
+        "classes": (["--model.network.init_args.num_classes", "12"], "10 classes"),
+        "model": (["--model.network", "pcn_ep.core.VGG99"], "VGG99"),
+        "rule": (["--model.rule", "newton"], "newton"),
+        "scheme": (["--model.scheme", "sideways"], "sideways"),
+        "beta": (["--model.beta", "0"], "beta"),
+        "K": (["--model.K", "0"], "K (nudge"),
+        "batch too large": (["--data.init_args.batch_size", "5000", "--data.init_args.drop_last",
+                             "true"], "exceeds"),
+        "misspelt key": (["--model.rull", "pgd"], "model.rull"),
+    }[case]
+    code = main(["fit", "--config", str(path), *override])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line.lower()]
+    assert code != 0 and len(errors) == 1 and expect in errors[0], err
+    assert "Traceback" not in err
+    assert saved.read_bytes() == b"an earlier checkpoint"
+
+
+class PoisonedSecondEpoch(Poisoned):
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        if self.trainer.training and self.trainer.current_epoch == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return x, y
+
+
+def test_a_diverged_step_never_reaches_a_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    module = PCNEPModule(MLP(6, 3, hidden=(8,)), K=2)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    with pytest.raises(DivergenceError, match="epoch 1"):
+        trainer.fit(module, PoisonedSecondEpoch(bad=[]))
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
