@@ -128,14 +128,16 @@ class EquilibriumPropagation:
             )
             # (1/β_i) / copies / batch: the mean over examples of the per-example estimates.
             weights = 1.0 / (betas * copies * x.shape[0])
-            grads = self.parameter_gradients(network, nudged, weights.to(logits.dtype))
-            stats = self.nudged_stats(network, nudged, y.repeat(copies), betas)
+            errors = {k: nudged.h[k] - network.layers[k - 1].activation(nudged.a[k])
+                      for k in nudged.error_layers}  # ε_k, zero for every other layer
+            grads = self.parameter_gradients(network, nudged, errors, weights.to(logits.dtype))
+            stats = self.nudged_stats(nudged, errors, y.repeat(copies), betas)
         surrogate = sum((g * p).sum() for g, p in zip(grads, network.parameters()))
         loss = self.cost.value(logits, y).mean()
         return Estimate(surrogate, logits, loss, stats, nudged.trace, betas, nudged.kinks)
 
     def parameter_gradients(
-        self, network: PCN, nudged: NudgedState, weights: Tensor
+        self, network: PCN, nudged: NudgedState, errors: dict[int, Tensor], weights: Tensor
     ) -> list[Tensor]:
         """Σ_i w_i ∂F/∂θ at the nudged states, in ``network.parameters()`` order.
 
@@ -148,7 +150,7 @@ class EquilibriumPropagation:
                 grads.extend(torch.zeros_like(p) for p in layer.parameters())
                 continue
             a = nudged.a[k]
-            eps = nudged.h[k] - layer.activation(a)
+            eps = errors[k]
             grad_a = eps * (a > 0).to(eps.dtype) if layer.relu else eps
             grad_a = grad_a * weights.view(-1, *([1] * (grad_a.dim() - 1)))
             grad_c = layer.unpool(grad_a, nudged.indices[k], nudged.c[k])
@@ -176,13 +178,12 @@ class EquilibriumPropagation:
                 f"alpha={self.dynamics.alpha}, beta={self.beta}){detail}")
 
     def nudged_stats(
-        self, network: PCN, nudged: NudgedState, y: Tensor, betas: Tensor
+        self, nudged: NudgedState, errors: dict[int, Tensor], y: Tensor, betas: Tensor
     ) -> dict[str, Tensor]:
         """Mean E, C and F = E + βC at the nudged state(s), per sign of β (for logging)."""
         eps_sq = torch.zeros_like(betas, dtype=nudged.h[-1].dtype)
-        for k in nudged.error_layers:
-            layer = network.layers[k - 1]
-            eps_sq = eps_sq + (nudged.h[k] - layer.activation(nudged.a[k])).flatten(1).pow(2).sum(1)
+        for eps in errors.values():
+            eps_sq = eps_sq + eps.flatten(1).pow(2).sum(1)
         e = 0.5 * eps_sq
         c = self.cost.value(nudged.h[-1], y)
         stats = {}
