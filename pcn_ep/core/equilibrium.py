@@ -129,9 +129,7 @@ class _Relaxation:
         """g_k = −∂(½‖ε_k‖²)/∂a_k = ε_k ⊙ f'(a_k), and the same w.r.t. the linear part c_k."""
         self.refresh(k)
         layer = self.net.layers[k - 1]
-        a = self.a[k]
-        eps = self.h[k] - layer.activation(a)
-        grad_a = eps * (a > 0).to(eps.dtype) if layer.relu else eps
+        grad_a = layer.activation_vjp(self.h[k] - layer.activation(self.a[k]), self.a[k])
         return grad_a, layer.unpool(grad_a, self.indices[k], self.c[k])
 
     def topdown(self, k: int, vjp_memo: dict[int, tuple]) -> Tensor | None:

@@ -149,9 +149,7 @@ class EquilibriumPropagation:
             if k not in nudged.error_layers:
                 grads.extend(torch.zeros_like(p) for p in layer.parameters())
                 continue
-            a = nudged.a[k]
-            eps = errors[k]
-            grad_a = eps * (a > 0).to(eps.dtype) if layer.relu else eps
+            grad_a = layer.activation_vjp(errors[k], nudged.a[k])
             grad_a = grad_a * weights.view(-1, *([1] * (grad_a.dim() - 1)))
             grad_c = layer.unpool(grad_a, nudged.indices[k], nudged.c[k])
             x, skip = network.layer_inputs(nudged.h, k)

@@ -112,6 +112,10 @@ class PCNLayer(nn.Module):
     def activation(self, a: Tensor) -> Tensor:
         return torch.relu(a) if self.relu else a
 
+    def activation_vjp(self, grad: Tensor, a: Tensor) -> Tensor:
+        """f'(a) ⊙ grad: the gradient w.r.t. a of a quantity whose gradient w.r.t. f(a) is grad."""
+        return grad * (a > 0).to(grad.dtype) if self.relu else grad
+
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
         return self.activation(self.pool_bias(self.linear(x, skip))[0])
 

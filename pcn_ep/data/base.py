@@ -28,6 +28,13 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
 
+def step_generator(seed: int, trainer: L.Trainer) -> torch.Generator:
+    """The RNG of a training batch's augmentation: a function of (seed, global step, rank), so a
+    resumed run replays it and DDP ranks draw differently."""
+    return torch.Generator().manual_seed(
+        seed * 1_000_003 + trainer.global_step + trainer.global_rank * 2**40)
+
+
 class TensorDataModule(L.LightningDataModule):
     """Train/val/test splits held as tensors; subclasses fill ``self.splits`` in ``setup``.
 

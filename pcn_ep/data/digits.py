@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import TensorDataModule
+from .base import TensorDataModule, step_generator
 
 
 class DigitsDataModule(TensorDataModule):
@@ -72,8 +72,8 @@ class DigitsDataModule(TensorDataModule):
         if not self.max_shift or trainer is None or not trainer.training:
             return batch
         x, y = batch
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (len(x), 2), generator=g)
+        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (len(x), 2),
+                               generator=step_generator(self.seed, trainer))
         return random_translate(x, shifts.to(x.device)), y
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
+from .base import step_generator
 from .images import STATS, normalize, random_crops
 
 MEAN, STD = STATS["imagenet"]
@@ -161,7 +161,6 @@ class ImageNetDataModule(L.LightningDataModule):
         x, y = batch
         trainer = self.trainer
         if self.train_crop == "random" and trainer is not None and trainer.training:
-            g = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + trainer.global_step) * 64 + trainer.global_rank)
-            x = random_crops(x, (self.image_size, self.image_size), g)
+            x = random_crops(x, (self.image_size, self.image_size),
+                             step_generator(self.seed, trainer))
         return normalize(x, MEAN, STD), y.long().view(-1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TensorDataModule
+from .base import TensorDataModule, step_generator
 
 STATS = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -177,7 +177,5 @@ class ImageDataModule(TensorDataModule):
         x, y = batch
         trainer = self.trainer
         if trainer is not None and trainer.training and (self.padding or self.flip):
-            g = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + trainer.global_step) * 64 + trainer.global_rank)
-            x = random_crop_flip(x, self.padding, self.flip, g)
+            x = random_crop_flip(x, self.padding, self.flip, step_generator(self.seed, trainer))
         return normalize(x, self.mean, self.std), y
