@@ -5,12 +5,16 @@ gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.grad
 parity                  the sparse-parity table (``pcn_ep.parity``)
 bench                   EP vs backprop step time and FLOPs (``pcn_ep.bench``)
 write-ffcv              an ImageFolder tree to an FFCV .beton (``pcn_ep.data.write_ffcv``)
+energy                  F vs nudge iteration K, Fig. 8 (``pcn_ep.energy_curves``)
+reproduce               one paper table's grid of runs, then its report (``pcn_ep.reproduce``)
+report                  Markdown tables and PNG figures from the runs (``pcn_ep.report``)
 """
 import importlib
 import sys
 
 TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity", "bench": "pcn_ep.bench",
-         "write-ffcv": "pcn_ep.data.write_ffcv"}
+         "write-ffcv": "pcn_ep.data.write_ffcv", "energy": "pcn_ep.energy_curves",
+         "reproduce": "pcn_ep.reproduce", "report": "pcn_ep.report"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ DEFAULT_CONFIG = files("pcn_ep") / "configs" / "quickstart.yaml"
 
 
 class PCNCLI(LightningCLI):
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], run: bool = True) -> None:
         super().__init__(
             PCNEPModule,
             L.LightningDataModule,
@@ -34,6 +34,7 @@ class PCNCLI(LightningCLI):
             trainer_defaults={"plugins": [{"class_path": "pcn_ep.callbacks.AtomicCheckpointIO"}]},
             parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
             args=args,
+            run=run,
         )
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -48,11 +49,11 @@ class PCNCLI(LightningCLI):
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pcn_ep {{{','.join(SUBCOMMANDS)},gradcheck,parity,bench,write-ffcv}} [--config FILE] ...")
+        print(f"usage: python -m pcn_ep {{{','.join(SUBCOMMANDS)},gradcheck,parity,bench,write-ffcv,energy,reproduce,report}} [--config FILE] ...")
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         print(f"pcn_ep: error: unknown command {argv[0]!r}; choose one of "
-              f"{', '.join(SUBCOMMANDS)}, gradcheck, parity, bench, write-ffcv", file=sys.stderr)
+              f"{', '.join(SUBCOMMANDS)}, gradcheck, parity, bench, write-ffcv, energy, reproduce, report", file=sys.stderr)
         return 2
     if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
         argv = [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
