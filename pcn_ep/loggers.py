@@ -19,6 +19,12 @@ def wandb_key_configured() -> bool:
         return False
 
 
+def wandb_offline() -> bool:
+    """Offline unless an API key is configured and ``WANDB_MODE`` does not ask for offline."""
+    mode = os.environ.get("WANDB_MODE", "")
+    return mode in ("offline", "dryrun", "disabled") or not wandb_key_configured()
+
+
 class WandbLogger(_WandbLogger):
     """Lightning's ``WandbLogger`` with ``offline`` decided for you.
 
@@ -38,8 +44,7 @@ class WandbLogger(_WandbLogger):
         **kwargs,
     ) -> None:
         if offline is None:
-            mode = os.environ.get("WANDB_MODE", "")
-            offline = mode in ("offline", "dryrun", "disabled") or not wandb_key_configured()
+            offline = wandb_offline()
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, group=group, tags=tags, save_dir=save_dir,
                          offline=offline, **kwargs)

@@ -37,6 +37,7 @@ class Run:
     labels: dict
     seed: int
     status: str                                    # ok | diverged | failed | running
+    smoke: bool = False                            # a --smoke run (digits, tiny nets)
     final: dict = field(default_factory=dict)      # metric → value (fraction)
     curves: dict = field(default_factory=dict)     # metric → {epoch: value}
     energy: dict | None = None                     # fig_energy's curves
@@ -67,7 +68,8 @@ def _mean_curves(curves: dict) -> dict:
 def read_record(path: Path) -> Run:
     """A ``run.json`` written by ``reproduce`` and the metrics beside it."""
     record = json.loads(path.read_text())
-    run = Run(record["table"], record["cell"], record["seed"], record["status"])
+    run = Run(record["table"], record["cell"], record["seed"], record["status"],
+              record.get("smoke", False))
     metrics, energy = path.parent / "metrics.csv", path.parent / "energy.json"
     curves: dict = {}
     if metrics.exists():
@@ -118,7 +120,8 @@ def read_wandb_run(folder: Path) -> Run | None:
             config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
             if "cell" not in config:
                 return None  # not a run of a reproduce table
-            run = Run(record.run.run_group, config["cell"], config.get("seed", 0), "running")
+            run = Run(record.run.run_group, config["cell"], config.get("seed", 0), "running",
+                      config.get("smoke", False))
         elif kind == "history" and run is not None:
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             _add(curves, run.final, row, int(row["epoch"]) if "epoch" in row else None)
@@ -171,9 +174,12 @@ def _paper(value) -> str:
 
 
 def summarize(runs: list[Run]) -> dict[tuple, dict]:
-    """Per cell: labels, seeds, statuses and the final errors in % (NaN for a diverged run)."""
+    """Per cell, in the table's grid order: labels, runs and final errors in % (NaN: diverged)."""
+    from .reproduce import TABLES
+
+    order = {tuple(c.labels.items()): i for table in TABLES.values() for i, c in enumerate(table.cells())}
     cells: dict[tuple, dict] = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (order.get(r.key, len(order)), r.seed)):
         cell = cells.setdefault(run.key, {"labels": run.labels, "runs": [], "top1": [], "top5": []})
         cell["runs"].append(run)
         if run.status == "diverged":
@@ -193,6 +199,9 @@ def markdown(table: str, runs: list[Run], paper: dict) -> str:
     cells = summarize(runs)
     lines = [f"# {title}", "", f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std "
              f"over seeds; NaN = diverged."]
+    if any(r.smoke for r in runs):
+        lines += ["", "**Smoke runs** (`--smoke`: digits, 1/16-width nets, 2 epochs): they check the "
+                  "pipeline and are not comparable with the paper's numbers."]
     if any(not r.energy for r in runs):
         keys = list(next(iter(cells.values()))["labels"]) if cells else []
         has_paper = bool(info.get("rows"))
@@ -377,10 +386,10 @@ def publish(paths: list[Path], project: str, out: Path) -> None:
     """Log the Markdown tables and PNG figures to one W&B run of job type ``report``."""
     import wandb
 
-    from .loggers import wandb_key_configured
+    from .loggers import wandb_offline
 
-    mode = "online" if wandb_key_configured() else "offline"
-    run = wandb.init(project=project, job_type="report", dir=str(out), mode=mode)
+    run = wandb.init(project=project, job_type="report", dir=str(out),
+                     mode="offline" if wandb_offline() else "online")
     for path in paths:
         if path.suffix == ".png":
             run.log({f"figures/{path.stem}": wandb.Image(str(path))})

@@ -165,7 +165,8 @@ def data_overrides(config: str, roots: dict[str, str]) -> dict:
     return {}
 
 
-def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str) -> dict:
+def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str,
+                smoke: bool) -> dict:
     """The per-run config layered last: where it logs (CSV + W&B) and checkpoints."""
     run = str(run_dir)
     tags = [f"{k}={v}" for k, v in cell.labels.items()] + [f"seed={seed}"]
@@ -177,7 +178,8 @@ def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str
             {"class_path": "pcn_ep.loggers.WandbLogger",
              "init_args": {"project": project, "group": table.name, "tags": tags,
                            "name": f"{cell.name}/seed={seed}", "save_dir": run,
-                           "config": {"table": table.name, "cell": cell.labels, "seed": seed}}}],
+                           "config": {"table": table.name, "cell": cell.labels, "seed": seed,
+                                      "smoke": smoke}}}],
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": f"{run}/checkpoints", "monitor": "val/top1_error",
@@ -197,7 +199,7 @@ def command(table: Table, cell: Cell, seed: int, run_dir: Path, args: argparse.N
             cmd += ["--ckpt", args.energy_ckpt]
         return cmd + ["--device", "cuda" if devices else "cpu"]
     overlay = run_dir / "run.yaml"
-    overlay.write_text(yaml.safe_dump(run_overlay(table, cell, seed, run_dir, args.wandb_project)))
+    overlay.write_text(yaml.safe_dump(run_overlay(table, cell, seed, run_dir, args.wandb_project, args.smoke)))
     overrides = {} if args.smoke else data_overrides(cell.config, args.data_root)
     if table.epochs and not args.smoke:
         overrides.update({"trainer.max_epochs": table.epochs, "model.t_max": table.epochs})
@@ -247,6 +249,12 @@ def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
 
 
 # -- the sweep ----------------------------------------------------------------------------------
+def gpu_slots(gpus: int, ddp: bool) -> list[list[int]]:
+    """The GPU sets that runs use concurrently: one GPU per run, or all of them for a DDP run."""
+    per_run = max(1, gpus) if ddp else 1
+    return [list(range(i * per_run, (i + 1) * per_run)) for i in range(gpus // per_run)]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcn_ep reproduce",
                                 description="run one paper table's grid and write its report")
@@ -297,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus is None:
         import torch
         args.gpus = 0 if args.smoke else torch.cuda.device_count()
-    per_run = max(1, args.gpus) if table.ddp else 1
-    slots = [list(range(i * per_run, (i + 1) * per_run)) for i in range(args.gpus // per_run)]
+    slots = gpu_slots(args.gpus, table.ddp)
     jobs = len(slots) or args.jobs or (2 if args.smoke else 1)
     args.threads = max(1, (os.cpu_count() or 1) // jobs) if not slots else 4
     runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,20 @@ def test_cell_commands_parse_and_carry_their_overrides(tmp_path, capsys, smoke):
                 assert data["init_args"]["root"] == str(tmp_path)
 
 
+def test_gpu_runs_use_one_gpu_each_or_all_of_them_in_ddp(tmp_path):
+    assert reproduce.gpu_slots(4, ddp=False) == [[0], [1], [2], [3]]
+    assert reproduce.gpu_slots(4, ddp=True) == [[0, 1, 2, 3]]
+    assert reproduce.gpu_slots(0, ddp=True) == []
+    args = reproduce.parser().parse_args(["table_top5"])
+    args.data_root, args.set = {"imagenet": "/data/ffcv"}, {}
+    table = reproduce.TABLES["table_top5"]
+    cmd = reproduce.command(table, table.cells()[0], 0, tmp_path, args, devices=4)
+    for flag in ("--trainer.devices=4", "--trainer.strategy=ddp", "--trainer.accelerator=gpu",
+                 "--data.init_args.train_path=/data/ffcv/train.beton",
+                 "--data.init_args.val_path=/data/ffcv/val.beton"):
+        assert flag in cmd
+
+
 def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
     """fig_init_gain --smoke end to end: 4 runs, local records == W&B records, report, rerun skips."""
     cmd = [sys.executable, "-m", "pcn_ep", "reproduce", "fig_init_gain", "--smoke", "--out",
@@ -89,6 +104,13 @@ def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
         path.unlink()
     assert report.write_report(tmp_path, tmp_path / "from_wandb", ["fig_init_gain"])
     assert (tmp_path / "from_wandb" / "fig_init_gain.md").read_text().count(" ok ") == 4
+    # --publish logs the tables and figures to one W&B run (offline here: a run folder).
+    published = subprocess.run(
+        [sys.executable, "-m", "pcn_ep", "report", str(tmp_path), "--out", str(tmp_path / "pub"),
+         "--publish"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"})
+    assert published.returncode == 0, published.stderr[-2000:]
+    assert list((tmp_path / "pub" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_a_failing_run_stops_the_sweep_with_its_error(tmp_path):
