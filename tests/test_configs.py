@@ -139,7 +139,16 @@ def test_config_writes_to_its_own_run_folder(name, capsys):
     assert trainer["default_root_dir"] == run
     assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {run}
     wandb, = [lg for lg in trainer["logger"] if lg["class_path"] == "pcn_ep.loggers.WandbLogger"]
-    group = "fig1" if "clamp" in name else "table1" if name.startswith("vgg5") else "table2"
+    # the W&B group of `reproduce/TABLE.sh` runs of the same table
+    group = ("table_schemes" if "clamp" in name else "table_costs" if name.startswith("vgg5")
+             else "table_top5")
     assert wandb["init_args"]["group"] == group
     checkpoint, = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
     assert checkpoint["init_args"]["dirpath"] == f"{run}/checkpoints"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")
+                                        if p.stem not in EXPECTED and p.stem != "smoke"))
+def test_every_other_config_parses(name, capsys):
+    """The quickstart and parity configs (smoke.yaml is an overlay: tests/test_reproduce.py)."""
+    assert resolved(name, capsys)["model"]["network"]["class_path"].startswith("pcn_ep.core.")
