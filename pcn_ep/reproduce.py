@@ -292,6 +292,10 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     table = TABLES[args.table]
+    if not CONFIGS.is_dir():
+        print(f"reproduce: error: {CONFIGS} not found: run from a checkout of the repository "
+              "installed with pip install -e .", file=sys.stderr)
+        return 2
     try:
         args.data_root, args.set = _pairs(args.data_root, "--data-root"), _pairs(args.set, "--set")
     except ValueError as err:
