@@ -319,6 +319,14 @@ def _curves(axes, cells: dict, metrics: tuple[str, ...]) -> None:
             ax.legend(fontsize=6)
 
 
+# Training-curve figures: (panel per value of this label, metrics plotted); the default is one
+# panel each for val top-1 and top-5 (with val_size 0 the val split is the test split, as the
+# paper's curves).
+CURVES = {"table_costs": ("dataset", ("val/top1_error",)),
+          "table_pgd": ("dataset", ("val/top1_error",)),
+          "fig_batch_size": (None, ("val/top1_error", "train/error"))}
+
+
 def figure(table: str, runs: list[Run], path: Path) -> Path | None:
     import matplotlib
 
@@ -345,12 +353,18 @@ def figure(table: str, runs: list[Run], path: Path) -> Path | None:
         fig, axes = plt.subplots(2, 2, figsize=(11, 8))
         _energy(axes, run)
     else:
-        metrics = ("val/top1_error", "train/error") if table == "fig_batch_size" else \
-            ("val/top1_error", "val/top5_error")
         if not any(r.curves for r in runs):
             return None
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        _curves(axes, cells, metrics)
+        facet, metrics = CURVES.get(table, (None, ("val/top1_error", "val/top5_error")))
+        if facet:  # one panel per data set, top-1 only
+            groups = _facets(cells, facet)
+            fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+            for ax, (name, group) in zip(axes[0], groups.items()):
+                _curves([ax], group, metrics)
+                ax.set_title(f"{facet}={name}")
+        else:
+            fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+            _curves(axes, cells, metrics)
     fig.suptitle(table)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
