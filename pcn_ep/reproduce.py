@@ -199,7 +199,8 @@ def command(table: Table, cell: Cell, seed: int, run_dir: Path, args: argparse.N
             cmd += ["--ckpt", args.energy_ckpt]
         return cmd + ["--device", "cuda" if devices else "cpu"]
     overlay = run_dir / "run.yaml"
-    overlay.write_text(yaml.safe_dump(run_overlay(table, cell, seed, run_dir, args.wandb_project, args.smoke)))
+    overlay.write_text(yaml.safe_dump(
+        run_overlay(table, cell, seed, run_dir, args.wandb_project, args.smoke)))
     overrides = {} if args.smoke else data_overrides(cell.config, args.data_root)
     if table.epochs and not args.smoke:
         overrides.update({"trainer.max_epochs": table.epochs, "model.t_max": table.epochs})
@@ -305,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(root).exists():
             print(f"reproduce: error: --data-root {name}: {root} does not exist", file=sys.stderr)
             return 2
-    args.out = args.out or ROOT / ("results/smoke" if args.smoke else "results")
+        args.data_root[name] = str(Path(root).resolve())  # runs start in the repository root
+    if args.energy_ckpt:
+        args.energy_ckpt = str(Path(args.energy_ckpt).resolve())
+    args.out = (args.out or ROOT / ("results/smoke" if args.smoke else "results")).resolve()
     if args.gpus is None:
         import torch
         args.gpus = 0 if args.smoke else torch.cuda.device_count()

@@ -117,11 +117,11 @@ def test_a_failing_run_stops_the_sweep_with_its_error(tmp_path):
     """No data at the configs' default roots: the first run fails, the sweep stops, exit 1."""
     done = subprocess.run(
         [sys.executable, "-m", "pcn_ep", "reproduce", "table_costs", "--gpus", "0", "--out",
-         str(tmp_path), "--set", f"data.init_args.root={tmp_path / 'missing'}"],
-        capture_output=True, text=True, timeout=300)
+         "out", "--set", f"data.init_args.root={tmp_path / 'missing'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 1
     assert "data root not found" in done.stderr and "failed" in done.stderr
-    assert len(list(tmp_path.rglob("run.json"))) == 1
+    assert len(list((tmp_path / "out").rglob("run.json"))) == 1  # --out relative to the caller
     bad = subprocess.run([sys.executable, "-m", "pcn_ep", "reproduce", "table_costs",
                           "--data-root", f"mnist={tmp_path / 'nowhere'}"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--data-root mnist" in bad.stderr
