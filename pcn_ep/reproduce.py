@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -221,9 +222,13 @@ def command(table: Table, cell: Cell, seed: int, run_dir: Path, args: argparse.N
     return cmd
 
 
+def run_folder(out: Path, table: Table, cell: Cell, seed: int) -> Path:
+    return out / table.name / cell.name.replace("/", "__") / f"seed{seed}"
+
+
 def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
             gpus: list[int]) -> dict:
-    run_dir = args.out / table.name / cell.name.replace("/", "__") / f"seed{seed}"
+    run_dir = run_folder(args.out, table, cell, seed)
     record_path = run_dir / "run.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -277,6 +282,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-ckpt", default=None, help="fig_energy: a trained VGG10 checkpoint "
                                                        "(default: the network at initialization)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each run's command (e.g. to submit them to a job scheduler), run none")
     return p
 
 
@@ -317,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = len(slots) or args.jobs or (2 if args.smoke else 1)
     args.threads = max(1, (os.cpu_count() or 1) // jobs) if not slots else 4
     runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
+    if args.dry_run:
+        for cell, seed in runs:
+            run_dir = run_folder(args.out, table, cell, seed)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            print(shlex.join(command(table, cell, seed, run_dir, args, len(slots[0]) if slots else 0)))
+        return 0
     print(f"{table.title}: {len(runs)} runs, {jobs} at a time -> {args.out / table.name}")
     free, lock, failures = list(slots), threading.Lock(), []
 

@@ -75,6 +75,15 @@ def test_gpu_runs_use_one_gpu_each_or_all_of_them_in_ddp(tmp_path):
         assert flag in cmd
 
 
+def test_dry_run_prints_every_command_and_runs_none(tmp_path, capsys):
+    assert reproduce.main(["table_top5", "--dry-run", "--gpus", "8", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all("--trainer.devices=8 --trainer.strategy=ddp" in l for l in lines)
+    assert reproduce.main(["table_costs", "--dry-run", "--gpus", "0", "--out", str(tmp_path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 48  # 16 cells x 3 seeds
+    assert not list(tmp_path.rglob("run.json"))
+
+
 def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
     """fig_init_gain --smoke end to end: 4 runs, local records == W&B records, report, rerun skips."""
     cmd = [sys.executable, "-m", "pcn_ep", "reproduce", "fig_init_gain", "--smoke", "--out",
