@@ -299,7 +299,7 @@ def _energy(axes, run: Run) -> None:
         ax.legend(fontsize=8)
 
 
-def _curves(axes, cells: dict, metrics: tuple[str, ...]) -> None:
+def _curves(axes, cells: dict, metrics: tuple[str, ...], facet: str | None = None) -> None:
     for ax, metric in zip(axes, metrics):
         for c in cells.values():
             points: dict = defaultdict(list)
@@ -309,7 +309,7 @@ def _curves(axes, cells: dict, metrics: tuple[str, ...]) -> None:
             if not points:
                 continue
             epochs = sorted(points)
-            label = ", ".join(f"{k}={v}" for k, v in c["labels"].items())
+            label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
             style = "--" if c["labels"].get("method") == "bp" else "-"
             ax.plot([e + 1 for e in epochs], [statistics.mean(points[e]) for e in epochs], style,
                     label=label)
@@ -360,7 +360,7 @@ def figure(table: str, runs: list[Run], path: Path) -> Path | None:
             groups = _facets(cells, facet)
             fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
             for ax, (name, group) in zip(axes[0], groups.items()):
-                _curves([ax], group, metrics)
+                _curves([ax], group, metrics, facet)
                 ax.set_title(f"{facet}={name}")
         else:
             fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
