@@ -170,7 +170,10 @@ def _fmt(values: list[float]) -> str:
 def _paper(value) -> str:
     if value is None:
         return "n/a"
-    return f"{value[0]} ± {value[1]}" if isinstance(value, list) else str(value)
+    if not isinstance(value, list):
+        return str(value)
+    decimals = len(str(value[0]).partition(".")[2])  # the std to the mean's precision: 0.33 ± 0.00
+    return f"{value[0]} ± {value[1]:.{decimals}f}"
 
 
 def summarize(runs: list[Run]) -> dict[tuple, dict]:
