@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .core import DivergenceError
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
         print("pcn_ep: stopped by SIGTERM after saving last.ckpt; resume with the same command and "
               "--ckpt_path last", file=sys.stderr)
         return 143
-    except (ValueError, FileNotFoundError, DivergenceError) as err:
+    except (ValueError, FileNotFoundError, DivergenceError, MisconfigurationException) as err:
         print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 1
     finish_wandb(cli.trainer)

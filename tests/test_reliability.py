@@ -143,7 +143,7 @@ def _imagenet(path, backend="ffcv"):
 
 @pytest.mark.parametrize("case", ["missing root", "corrupt beton", "no classes", "classes",
                                   "model", "rule", "scheme", "beta", "K", "batch too large",
-                                  "misspelt key"])
+                                  "misspelt key", "trainer misconfigured"])
 def test_bad_input_gives_one_error_line_and_keeps_saved_files(tmp_path, capsys, case):
     from pcn_ep.cli import main
 
@@ -166,6 +166,8 @@ def test_bad_input_gives_one_error_line_and_keeps_saved_files(tmp_path, capsys, 
         "batch too large": (["--data.init_args.batch_size", "5000", "--data.init_args.drop_last",
                              "true"], "exceeds"),
         "misspelt key": (["--model.rull", "pgd"], "model.rull"),
+        "trainer misconfigured": (["--trainer.logger", "false",
+                                   "--trainer.callbacks+=LearningRateMonitor"], "LearningRateMonitor"),
     }[case]
     code = main(["fit", "--config", str(path), *override])
     err = capsys.readouterr().err

@@ -122,6 +122,45 @@ def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
     assert list((tmp_path / "pub" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def test_diverged_runs_are_results_marked_nan(tmp_path):
+    """A learning rate of 1e6 blows every run up: each is recorded as diverged (not a failure),
+    the sweep goes on and exits 0, and the table marks the cells NaN (as Fig. 5 does)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pcn_ep", "reproduce", "fig_init_gain", "--smoke", "--out",
+         str(tmp_path), "--set", "model.lr=1e6"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("run.json")]
+    assert len(records) == 4 and {r["status"] for r in records} == {"diverged"}
+    assert all("training diverged at epoch" in r["error"] for r in records)
+    md = (tmp_path / "report" / "fig_init_gain.md").read_text()
+    assert md.count("| diverged | NaN | NaN |") == 4
+
+
+def test_energy_tool_traces_a_checkpoint_and_names_a_missing_one(tmp_path):
+    smoke = [str(reproduce.CONFIGS / "vgg5_cifar100_mse.yaml"), str(reproduce.CONFIGS / "smoke.yaml")]
+    fit = subprocess.run(
+        [sys.executable, "-m", "pcn_ep", "fit", "--config", smoke[0], "--config", smoke[1],
+         "--trainer.max_epochs=1", "--test_after_fit=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)  # writes runs/ in tmp_path
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    outputs = {}
+    for name, extra in (("init", []), ("trained", ["--ckpt", str(ckpt)])):
+        cmd = [sys.executable, "-m", "pcn_ep", "energy", "--config", smoke[0], "--config", smoke[1],
+               "--K-max", "6", "--out", str(tmp_path / f"{name}.json"), *extra]
+        assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+        outputs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert outputs["trained"]["checkpoint"] == str(ckpt) and outputs["init"]["checkpoint"] is None
+    assert len(outputs["trained"]["curves"]["pgd/-"]["mean"]) == 7
+    # Trained weights give other free-state costs, hence another F(K=0) = βC.
+    assert outputs["trained"]["curves"]["mod-pgd/+"]["mean"][0] != \
+        outputs["init"]["curves"]["mod-pgd/+"]["mean"][0]
+    missing = subprocess.run([sys.executable, "-m", "pcn_ep", "energy", "--config", smoke[0],
+                              "--config", smoke[1], "--ckpt", str(tmp_path / "no.ckpt"), "--out",
+                              str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "checkpoint not found" in missing.stderr
+
+
 def test_a_failing_run_stops_the_sweep_with_its_error(tmp_path):
     """No data at the configs' default roots: the first run fails, the sweep stops, exit 1."""
     done = subprocess.run(
