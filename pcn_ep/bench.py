@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .core import ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation
+from .fastfit import training_step
 from .gradcheck import add_network_arguments, build_network
 
 # Dense peak throughput per GPU, FLOP/s (vendor datasheets; SXM parts; fp32 = non-tensor-core).
@@ -41,12 +42,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     return p
-
-
-def training_step(network, estimator, optimizer, x, y):
-    optimizer.zero_grad(set_to_none=True)
-    estimator(network, x, y).surrogate.backward()
-    optimizer.step()
 
 
 def step_flops(network, estimator, x, y) -> int:

@@ -17,22 +17,24 @@ from pathlib import Path
 
 import torch
 
-from .core import Dynamics, EquilibriumPropagation
+from .core import Dynamics, get_cost, nudged_phase
 
 
 def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics) -> dict:
-    """Per-image F(K) for both rules and both signs of β (forward / backward scheme = one sign)."""
-    curves = {}
-    for rule in ("mod-pgd", "pgd"):
-        for sign, scheme in (("+", "forward"), ("-", "backward")):
-            ep = EquilibriumPropagation(
-                cost, "nudge", scheme, beta,
-                Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha), trace=True)
-            signed = beta if sign == "+" else -beta
-            per_iteration = [(e + signed * c).tolist() for e, c in ep(network, x, y).trace]
-            per_image = [list(f) for f in zip(*per_iteration)]
-            curves[f"{rule}/{sign}"] = {"mean": [sum(f) / len(f) for f in per_iteration],
-                                        "per_image": per_image}
+    """Per-image F(K) for both rules at +β and −β: one free phase, then per rule one batched nudged
+    phase over [x; x] with β_i = [+β; −β] (as the centered estimator runs it), no weight gradients."""
+    n, curves = len(y), {}
+    betas = torch.cat([torch.full((n,), beta), torch.full((n,), -beta)]).to(x.device, torch.float64)
+    with torch.no_grad():
+        free = network.free_phase(x).repeat(2)
+        for rule in ("mod-pgd", "pgd"):
+            nudged = nudged_phase(network, free, y.repeat(2), betas, get_cost(cost),
+                                  Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
+                                  trace=True)
+            f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × 2n
+            for sign, half in (("+", f[:, :n]), ("-", f[:, n:])):
+                curves[f"{rule}/{sign}"] = {"mean": half.mean(1).tolist(),
+                                            "per_image": half.T.tolist()}
     return curves
 
 

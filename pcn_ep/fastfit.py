@@ -20,6 +20,13 @@ class FitResult:
     test_curve: list[float] = field(default_factory=list)
 
 
+def training_step(network: nn.Module, estimator, optimizer, x: Tensor, y: Tensor) -> None:
+    """One update, as ``PCNEPModule`` takes it: the surrogate's gradient, then an SGD step."""
+    optimizer.zero_grad(set_to_none=True)
+    estimator(network, x, y).surrogate.backward()
+    optimizer.step()
+
+
 def accuracy(estimator, network: nn.Module, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         return (estimator.predict(network, x).argmax(1) == y).float().mean().item()
@@ -46,9 +53,7 @@ def fit_tensors(
     curve, start = [], time.perf_counter()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=order).split(batch_size):
-            optimizer.zero_grad()
-            estimator(network, x[idx], y[idx]).surrogate.backward()
-            optimizer.step()
+            training_step(network, estimator, optimizer, x[idx], y[idx])
         curve.append(accuracy(estimator, network, *test))
     train_acc = accuracy(estimator, network, x, y)
     seconds = time.perf_counter() - start

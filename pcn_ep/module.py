@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from .core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation
+from .core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, all_finite
 
 
 class PCNEPModule(L.LightningModule):
@@ -124,8 +124,8 @@ class PCNEPModule(L.LightningModule):
         except DivergenceError as err:
             return self._diverged(err)
         self.manual_backward(estimate.surrogate)
-        if self.hparams.algorithm == "bp" and not all(
-                torch.isfinite(p.grad).all() for p in self.network.parameters()):
+        if self.hparams.algorithm == "bp" and not all_finite(
+                [p.grad for p in self.network.parameters()]):
             optimizer.zero_grad()
             return self._diverged(DivergenceError("non-finite backprop gradient"))
         optimizer.step()

@@ -194,12 +194,11 @@ def summarize(runs: list[Run]) -> dict[tuple, dict]:
     return cells
 
 
-def markdown(table: str, runs: list[Run], paper: dict) -> str:
+def markdown(table: str, runs: list[Run], cells: dict, paper: dict) -> str:
     from .reproduce import TABLES
 
     title = TABLES[table].title if table in TABLES else table
     info = paper.get(table, {})
-    cells = summarize(runs)
     lines = [f"# {title}", "", f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std "
              f"over seeds; NaN = diverged."]
     if any(r.smoke for r in runs):
@@ -247,10 +246,9 @@ def _heatmap(ax, cells: dict, rows: str, cols: str, title: str) -> None:
     col_values = sorted({c["labels"][cols] for c in cells.values()}, key=float)
     grid = np.full((len(row_values), len(col_values)), np.nan)
     for c in cells.values():
-        values = [v for v in c["top1"] if not math.isnan(v)]
-        if values and len(values) == len(c["top1"]):
+        if c["top1"] and not any(map(math.isnan, c["top1"])):  # a diverged seed makes it NaN
             grid[row_values.index(c["labels"][rows]), col_values.index(c["labels"][cols])] = \
-                statistics.mean(values)
+                statistics.mean(c["top1"])
     image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, "NaN" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
@@ -330,13 +328,12 @@ CURVES = {"table_costs": ("dataset", ("val/top1_error",)),
           "fig_batch_size": (None, ("val/top1_error", "train/error"))}
 
 
-def figure(table: str, runs: list[Run], path: Path) -> Path | None:
+def figure(table: str, runs: list[Run], cells: dict, path: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = summarize(runs)
     if table in ("table_beta_K", "fig_traversal", "table_schemes"):
         facet = {"table_beta_K": None, "fig_traversal": "order", "table_schemes": "dataset"}[table]
         groups = _facets(cells, facet)
@@ -390,10 +387,11 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None) -> l
     for table in tables or sorted(by_table):
         if table not in by_table:
             raise FileNotFoundError(f"no runs of {table} under {results}")
-        md = out / f"{table}.md"
-        md.write_text(markdown(table, by_table[table], paper))
+        table_runs, md = by_table[table], out / f"{table}.md"
+        cells = summarize(table_runs)
+        md.write_text(markdown(table, table_runs, cells, paper))
         written.append(md)
-        png = figure(table, by_table[table], out / f"{table}.png")
+        png = figure(table, table_runs, cells, out / f"{table}.png")
         if png:
             written.append(png)
     return written

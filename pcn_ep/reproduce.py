@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         args.gpus = 0 if args.smoke else torch.cuda.device_count()
     slots = gpu_slots(args.gpus, table.ddp)
     jobs = len(slots) or args.jobs or (2 if args.smoke else 1)
+    # CPU runs share the cores; a GPU run needs few threads (its data loaders have their workers).
     args.threads = max(1, (os.cpu_count() or 1) // jobs) if not slots else 4
     runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
     if args.dry_run:
@@ -342,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record = run_one(table, cell, seed, args, gpus)
         finally:
-            with lock:
-                free.append(gpus)
+            if slots:
+                with lock:
+                    free.append(gpus)
         print(f"  {record['status']:<8} {record['wall_s']:7.1f} s  {cell.name} seed={seed}"
               + (f"  ({record['error']})" if record["error"] else ""), flush=True)
         if record["status"] == "failed":

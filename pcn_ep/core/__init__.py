@@ -2,13 +2,14 @@
 from .energy import COSTS, Cost, CrossEntropy, SquaredError, energy, get_cost
 from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, NudgedState,
                           nudged_phase)
-from .estimators import SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation
+from .estimators import (SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation,
+                         all_finite)
 from .layers import PCNLayer
 from .networks import MLP, NETWORKS, PCN, VGG5, VGG10, FreeState, VGG10Skip
 
 __all__ = [
     "COSTS", "Cost", "CrossEntropy", "SquaredError", "energy", "get_cost", "ORDERS", "PERTURBATIONS",
     "RULES", "Dynamics", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
-    "Estimate", "EquilibriumPropagation", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
+    "Estimate", "EquilibriumPropagation", "all_finite", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
     "FreeState", "VGG10Skip",
 ]

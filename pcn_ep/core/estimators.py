@@ -28,6 +28,11 @@ from .networks import PCN
 SCHEMES = ("forward", "backward", "random", "centered")
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is finite, with one device synchronization for all of them."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 class DivergenceError(FloatingPointError):
     """A non-finite state or gradient; the message names the phase and the layer."""
 
@@ -159,7 +164,7 @@ class EquilibriumPropagation:
 
     def check_finite(self, network: PCN, nudged: NudgedState, grads: list[Tensor]) -> None:
         """Raise ``DivergenceError`` naming the first layer with a non-finite gradient (one sync)."""
-        if torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        if all_finite(grads):
             return
         names = [name for name, _ in network.named_parameters()]
         bad = next(n for n, g in zip(names, grads) if not torch.isfinite(g).all())

@@ -92,10 +92,6 @@ class ImageNetDataModule(L.LightningDataModule):
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
 
-    @property
-    def _train_side(self) -> int:
-        return self.val_resize if self.train_crop == "random" else self.image_size
-
     def _ffcv_loader(self, path: Path, train: bool):
         from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                           RandomResizedCropRGBImageDecoder)
