@@ -1,20 +1,20 @@
 """``python -m pcn_ep COMMAND ...``: one entry point for every command.
 
-fit | validate | test   LightningCLI training and evaluation (``pcn_ep.cli``)
-gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.gradcheck``)
-parity                  the sparse-parity table (``pcn_ep.parity``)
-bench                   EP vs backprop step time and FLOPs (``pcn_ep.bench``)
+fit | validate | test   LightningCLI training and evaluation (``pcn_ep.training.cli``)
+gradcheck               per-layer fidelity of EP against backprop (``pcn_ep.tools.gradcheck``)
+parity                  the sparse-parity table (``pcn_ep.experiments.parity``)
+bench                   EP vs backprop step time and FLOPs (``pcn_ep.tools.bench``)
 write-ffcv              an ImageFolder tree to an FFCV .beton (``pcn_ep.data.write_ffcv``)
-energy                  F vs nudge iteration K, Fig. 8 (``pcn_ep.energy_curves``)
-reproduce               one paper table's grid of runs, then its report (``pcn_ep.reproduce``)
-report                  Markdown tables and PNG figures from the runs (``pcn_ep.report``)
+energy                  F vs nudge iteration K, Fig. 8 (``pcn_ep.tools.energy``)
+reproduce               one paper table's grid of runs, then its report (``pcn_ep.experiments.reproduce``)
+report                  Markdown tables and PNG figures from the runs (``pcn_ep.experiments.report``)
 """
 import importlib
 import sys
 
-TOOLS = {"gradcheck": "pcn_ep.gradcheck", "parity": "pcn_ep.parity", "bench": "pcn_ep.bench",
-         "write-ffcv": "pcn_ep.data.write_ffcv", "energy": "pcn_ep.energy_curves",
-         "reproduce": "pcn_ep.reproduce", "report": "pcn_ep.report"}
+TOOLS = {"gradcheck": "pcn_ep.tools.gradcheck", "parity": "pcn_ep.experiments.parity", "bench": "pcn_ep.tools.bench",
+         "write-ffcv": "pcn_ep.data.write_ffcv", "energy": "pcn_ep.tools.energy",
+         "reproduce": "pcn_ep.experiments.reproduce", "report": "pcn_ep.experiments.report"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else "fit"
     if command in TOOLS:
         return importlib.import_module(TOOLS[command]).main(argv[1:])
-    from .cli import main as lightning_main
+    from .training.cli import main as lightning_main
 
     return lightning_main(argv or ["fit"])
 

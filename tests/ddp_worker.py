@@ -13,7 +13,7 @@ import torch
 
 from pcn_ep.core import MLP
 from pcn_ep.data import ImageNetDataModule, TensorDataModule
-from pcn_ep.module import PCNEPModule
+from pcn_ep.training.module import PCNEPModule
 
 
 class SeenLabels(L.LightningModule):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcn_ep.cli import main
+from pcn_ep.training.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -138,7 +138,7 @@ def test_config_writes_to_its_own_run_folder(name, capsys):
     run = f"runs/{name}"
     assert trainer["default_root_dir"] == run
     assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {run}
-    wandb, = [lg for lg in trainer["logger"] if lg["class_path"] == "pcn_ep.loggers.WandbLogger"]
+    wandb, = [lg for lg in trainer["logger"] if lg["class_path"] == "pcn_ep.training.loggers.WandbLogger"]
     # the W&B group of `reproduce/TABLE.sh` runs of the same table
     group = ("table_schemes" if "clamp" in name else "table_costs" if name.startswith("vgg5")
              else "table_top5")

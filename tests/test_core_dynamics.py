@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import batch, ep_estimator
 from pcn_ep.core import (MLP, VGG5, VGG10, Dynamics, PCNLayer, VGG10Skip, energy, get_cost,
                          nudged_phase)
-from pcn_ep.gradcheck import main as gradcheck
+from pcn_ep.tools.gradcheck import main as gradcheck
 
 
 def test_free_state_has_zero_energy_and_zero_parameter_gradient():

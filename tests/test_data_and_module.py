@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 
-from pcn_ep.cli import DEFAULT_CONFIG, main
+from pcn_ep.training.cli import DEFAULT_CONFIG, main
 from pcn_ep.core import MLP
 from pcn_ep.data import DigitsDataModule, EpochShuffle
-from pcn_ep.module import PCNEPModule
+from pcn_ep.training.module import PCNEPModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

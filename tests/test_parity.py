@@ -6,7 +6,7 @@ import torch
 from helpers import compare, ep_estimator
 from pcn_ep.core import MLP
 from pcn_ep.data import SparseParityDataModule, sparse_parity
-from pcn_ep.parity import run
+from pcn_ep.experiments.parity import run
 
 
 @pytest.mark.parametrize("seed, secret", [(42, [0, 15, 17]), (43, [6, 9, 19]), (44, [9, 14, 15])])

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import batch, ep_estimator
-from pcn_ep.bench import main as bench
-from pcn_ep.bench import step_flops
+from pcn_ep.tools.bench import main as bench
+from pcn_ep.tools.bench import step_flops
 from pcn_ep.core import VGG5, VGG10, Backprop
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import ep_estimator
-from pcn_ep.callbacks import AtomicCheckpointIO
+from pcn_ep.training.callbacks import AtomicCheckpointIO
 from pcn_ep.core import MLP, DivergenceError
 from pcn_ep.data import TensorDataModule
-from pcn_ep.module import PCNEPModule
+from pcn_ep.training.module import PCNEPModule
 from test_training import final_weights, tiny_config
 
 
@@ -145,7 +145,7 @@ def _imagenet(path, backend="ffcv"):
                                   "model", "rule", "scheme", "beta", "K", "batch too large",
                                   "misspelt key", "trainer misconfigured"])
 def test_bad_input_gives_one_error_line_and_keeps_saved_files(tmp_path, capsys, case):
-    from pcn_ep.cli import main
+    from pcn_ep.training.cli import main
 
     path, _ = tiny_config(tmp_path)
     saved = tmp_path / "checkpoints" / "last.ckpt"

@@ -10,18 +10,18 @@ import pytest
 import torch
 import yaml
 
-from pcn_ep import reproduce, report
-from pcn_ep.cli import main as cli_main
+from pcn_ep.experiments import report, reproduce, tables
+from pcn_ep.training.cli import main as cli_main
 from pcn_ep.core import VGG5, Dynamics
-from pcn_ep.energy_curves import energy_curves
+from pcn_ep.tools.energy import energy_curves
 
 from helpers import batch
 
 
 def test_paper_results_match_the_tables_and_every_cell_has_a_config():
     paper = report.paper_results()
-    assert set(paper) == set(reproduce.TABLES)
-    for name, table in reproduce.TABLES.items():
+    assert set(paper) == set(tables.TABLES)
+    for name, table in tables.TABLES.items():
         cells = table.cells()
         assert len({c.name for c in cells}) == len(cells), f"{name}: duplicate cells"
         for cell in cells:
@@ -29,7 +29,7 @@ def test_paper_results_match_the_tables_and_every_cell_has_a_config():
         for row in paper[name].get("rows", []):
             assert any(report._matches(row, c.labels) for c in cells), f"{name}: {row} has no cell"
     # Table 1 is the 16 cells of the paper's table, each with the paper's numbers beside it.
-    assert len(paper["table_costs"]["rows"]) == len(reproduce.TABLES["table_costs"].cells()) == 16
+    assert len(paper["table_costs"]["rows"]) == len(tables.TABLES["table_costs"].cells()) == 16
 
 
 @pytest.mark.parametrize("smoke", [False, True])
@@ -37,7 +37,7 @@ def test_cell_commands_parse_and_carry_their_overrides(tmp_path, capsys, smoke):
     """The first and last cell of every training table, through the real CLI (--print_config)."""
     args = reproduce.parser().parse_args(["table_costs", "--wandb-project", "p"] + ["--smoke"] * smoke)
     args.data_root, args.set = {"cifar100": str(tmp_path)}, {"trainer.max_epochs": "3"}
-    for table in reproduce.TABLES.values():
+    for table in tables.TABLES.values():
         for cell in [c for c in table.cells() if c.command == "fit"][:: max(1, len(table.cells()) - 1)]:
             (tmp_path / table.name).mkdir(exist_ok=True)
             cmd = reproduce.command(table, cell, 7, tmp_path / table.name, args, devices=0)
@@ -67,7 +67,7 @@ def test_gpu_runs_use_one_gpu_each_or_all_of_them_in_ddp(tmp_path):
     assert reproduce.gpu_slots(0, ddp=True) == []
     args = reproduce.parser().parse_args(["table_top5"])
     args.data_root, args.set = {"imagenet": "/data/ffcv"}, {}
-    table = reproduce.TABLES["table_top5"]
+    table = tables.TABLES["table_top5"]
     cmd = reproduce.command(table, table.cells()[0], 0, tmp_path, args, devices=4)
     for flag in ("--trainer.devices=4", "--trainer.strategy=ddp", "--trainer.accelerator=gpu",
                  "--data.init_args.train_path=/data/ffcv/train.beton",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from pcn_ep.cli import DEFAULT_CONFIG, main
+from pcn_ep.training.cli import DEFAULT_CONFIG, main
 
 
 def tiny_config(tmp_path, **model):
@@ -68,7 +68,7 @@ def test_wandb_offline_run_folder_holds_the_logged_metrics(tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     path, cfg = tiny_config(tmp_path)
-    cfg["trainer"]["logger"] = [{"class_path": "pcn_ep.loggers.WandbLogger",
+    cfg["trainer"]["logger"] = [{"class_path": "pcn_ep.training.loggers.WandbLogger",
                                  "init_args": {"save_dir": str(tmp_path), "project": "pcn-ep-test",
                                                "group": "tests", "tags": ["tiny"]}}]
     path.write_text(yaml.safe_dump(cfg))

@@ -1,4 +1,4 @@
-"""The algorithm library: energy models, nudged equilibria, gradient estimators. Imports torch only."""
+"""The algorithm library: energy models, nudged equilibria, gradient estimators. Imports torch only (never data, training, tools or experiments)."""
 from .energy import COSTS, Cost, CrossEntropy, SquaredError, energy, get_cost
 from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, NudgedState,
                           nudged_phase)

@@ -1,4 +1,4 @@
-"""Data modules. They know nothing of PCNs or EP."""
+"""Data modules. They know nothing of PCNs or EP, and import neither core, training, tools nor experiments."""
 from .base import EpochShuffle, TensorDataModule
 from .digits import DigitsDataModule
 from .images import ImageDataModule

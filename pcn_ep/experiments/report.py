@@ -4,7 +4,7 @@ Reads every run under RESULTS_DIR: the local records ``reproduce`` writes (``run
 ``metrics.csv`` or ``energy.json``) and W&B run folders (``wandb/offline-run-*`` or ``run-*``; the
 table is the run's group, the cell and seed its config). For each table it writes
 ``OUT_DIR/TABLE.md`` (mean ± std over seeds of the final test error in %, the paper's numbers from
-``pcn_ep/paper_results.yaml`` in the next columns, the paper's claims below) and its figure
+``pcn_ep/experiments/paper_results.yaml`` in the next columns, the paper's claims below) and its figure
 ``OUT_DIR/TABLE.png``: a β×K heat map (Fig. 2), scheme bars (Fig. 1), F-vs-K curves (Fig. 8),
 traversal heat maps (Fig. 5) or test-error training curves (the others; BP dashed).
 
@@ -27,6 +27,8 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
+
+from .tables import TABLES
 
 METRICS = ("test/top1_error", "test/top5_error")
 
@@ -151,7 +153,7 @@ def read_runs(results: Path) -> list[Run]:
 
 # -- tables -------------------------------------------------------------------------------------
 def paper_results() -> dict:
-    return yaml.safe_load((files("pcn_ep") / "paper_results.yaml").read_text())
+    return yaml.safe_load((files("pcn_ep.experiments") / "paper_results.yaml").read_text())
 
 
 def _matches(row: dict, labels: dict) -> bool:
@@ -178,8 +180,6 @@ def _paper(value) -> str:
 
 def summarize(runs: list[Run]) -> dict[tuple, dict]:
     """Per cell, in the table's grid order: labels, runs and final errors in % (NaN: diverged)."""
-    from .reproduce import TABLES
-
     order = {tuple(c.labels.items()): i for table in TABLES.values() for i, c in enumerate(table.cells())}
     cells: dict[tuple, dict] = {}
     for run in sorted(runs, key=lambda r: (order.get(r.key, len(order)), r.seed)):
@@ -195,8 +195,6 @@ def summarize(runs: list[Run]) -> dict[tuple, dict]:
 
 
 def markdown(table: str, runs: list[Run], cells: dict, paper: dict) -> str:
-    from .reproduce import TABLES
-
     title = TABLES[table].title if table in TABLES else table
     info = paper.get(table, {})
     lines = [f"# {title}", "", f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std "
@@ -401,7 +399,7 @@ def publish(paths: list[Path], project: str, out: Path) -> None:
     """Log the Markdown tables and PNG figures to one W&B run of job type ``report``."""
     import wandb
 
-    from .loggers import wandb_offline
+    from ..training.loggers import wandb_offline
 
     run = wandb.init(project=project, job_type="report", dir=str(out),
                      mode="offline" if wandb_offline() else "online")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, RULES, SCHEMES, Backprop,
+from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, RULES, SCHEMES, Backprop,
                    DivergenceError, Dynamics, EquilibriumPropagation)
 
 

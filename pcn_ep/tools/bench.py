@@ -16,8 +16,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .core import ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation
-from .fastfit import training_step
+from ..core import ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation
+from ..training.fastfit import training_step
 from .gradcheck import add_network_arguments, build_network
 
 # Dense peak throughput per GPU, FLOP/s (vendor datasheets; SXM parts; fp32 = non-tensor-core).

@@ -21,10 +21,10 @@ import sys
 
 import torch
 
-from .core import MLP, Backprop, Dynamics, EquilibriumPropagation
-from .core.hopfield import HopfieldEP, HopfieldNet
-from .data.parity import SparseParityDataModule
-from .fastfit import FitResult, fit_tensors
+from ..core import MLP, Backprop, Dynamics, EquilibriumPropagation
+from ..core.hopfield import HopfieldEP, HopfieldNet
+from ..data.parity import SparseParityDataModule
+from ..training.fastfit import FitResult, fit_tensors
 
 TASKS = {"n3k3": (3, 3, 50, 50), "n20k3": (20, 3, 500, 200)}
 WRITEUP_EPOCHS = {"n3k3": 200, "n20k3": 100}

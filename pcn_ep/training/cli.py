@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .core import DivergenceError
+from ..core import DivergenceError
 from .module import PCNEPModule
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -32,7 +32,7 @@ class PCNCLI(LightningCLI):
             L.LightningDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"plugins": [{"class_path": "pcn_ep.callbacks.AtomicCheckpointIO"}]},
+            trainer_defaults={"plugins": [{"class_path": "pcn_ep.training.callbacks.AtomicCheckpointIO"}]},
             parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
             args=args,
             run=run,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from .core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, all_finite
+from ..core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, all_finite
 
 
 class PCNEPModule(L.LightningModule):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .core import Dynamics, get_cost, nudged_phase
+from ..core import Dynamics, get_cost, nudged_phase
 
 
 def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics) -> dict:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import warnings
 
-    from .cli import PCNCLI
+    from ..training.cli import PCNCLI
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     torch.manual_seed(args.seed)

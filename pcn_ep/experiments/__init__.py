@@ -1,0 +1,1 @@
+"""The paper's tables as data, the runner, the report, the parity study. May import every other wing."""

@@ -1,0 +1,84 @@
+"""The package's wings import downward only (README's package map, shared/DESIGN.md):
+core and data import neither training, tools nor experiments; training imports no tools or
+experiments; tools import no experiments. Imports inside functions count too."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pcn_ep
+
+PACKAGE = Path(pcn_ep.__file__).parent
+WINGS = ("core", "data", "training", "tools", "experiments")
+FORBIDDEN = {"core": {"data", "training", "tools", "experiments"},
+             "data": {"core", "training", "tools", "experiments"},
+             "training": {"tools", "experiments"},
+             "tools": {"experiments"},
+             "experiments": set()}
+
+
+def module_name(path: Path) -> str:
+    return "pcn_ep." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def imported_modules(path: Path, module: str | None = None) -> set[str]:
+    """Absolute dotted names of every ``pcn_ep`` module the file imports (relative ones resolved)."""
+    module = module or module_name(path)
+    package = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+            found |= {f"{name}.{a.name}" for a in node.names}  # `from . import x` imports a module x
+    return {n for n in found if n.startswith("pcn_ep.")}
+
+
+def wing_of(dotted: str) -> str | None:
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in WINGS else None
+
+
+def test_every_module_lives_in_a_wing():
+    loose = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert not loose, f"modules outside the five wings: {sorted(loose)}"
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == set(WINGS)
+    for wing in WINGS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / wing / "__init__.py").read_text()))
+        assert doc and "import" in doc.lower(), f"pcn_ep/{wing}/__init__.py must say what it may import"
+
+
+def test_no_wing_imports_upward():
+    violations = []
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20  # the walk really sees the package
+    for path in files:
+        wing = wing_of(module_name(path))
+        if wing is None:
+            continue
+        for target in imported_modules(path):
+            if wing_of(target) in FORBIDDEN[wing]:
+                violations.append(f"{path.relative_to(PACKAGE)} imports {target}")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_walker_sees_relative_and_function_level_imports(tmp_path):
+    """Guard the guard: a relative import inside a function is found and resolved."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from ..training.module import PCNEPModule\n    from . import layers\n")
+    found = imported_modules(probe, "pcn_ep.core.probe")
+    assert {"pcn_ep.training.module", "pcn_ep.core.layers"} <= found
+    assert wing_of("pcn_ep.training.module") in FORBIDDEN["core"]
+
+
+def test_report_and_runner_share_the_tables_without_a_circle():
+    report = imported_modules(PACKAGE / "experiments" / "report.py")
+    runner = imported_modules(PACKAGE / "experiments" / "reproduce.py")
+    assert "pcn_ep.experiments.tables" in report and "pcn_ep.experiments.tables" in runner
+    assert not any(m.startswith("pcn_ep.experiments.reproduce") for m in report)
