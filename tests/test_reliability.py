@@ -127,12 +127,16 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     time.sleep(0.5)
     proc.kill()
     proc.communicate()
-    assert not list((tmp_path / "checkpoints").glob("last.ckpt.partial*"))
     torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)  # complete and readable
+    # what a kill in the middle of a save leaves (AtomicCheckpointIO's temporary name)
+    leftover = tmp_path / "checkpoints" / f".last.ckpt.partial-{proc.pid}"
+    leftover.write_bytes(b"half a checkpoint")
     resumed = _start(path, "--ckpt_path", "last")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert not leftover.exists()
+    assert [p.name for p in (tmp_path / "checkpoints").glob(".*partial*")] == []
 
 
 def _imagenet(path, backend="ffcv"):

@@ -1,6 +1,6 @@
 """The algorithm library: energy models, nudged equilibria, gradient estimators. Imports torch only (never data, training, tools or experiments)."""
 from .energy import COSTS, Cost, CrossEntropy, SquaredError, energy, get_cost
-from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, NudgedState,
+from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, Interrupted, NudgedState,
                           nudged_phase)
 from .estimators import (SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation,
                          all_finite)
@@ -9,7 +9,7 @@ from .networks import MLP, NETWORKS, PCN, VGG5, VGG10, FreeState, VGG10Skip
 
 __all__ = [
     "COSTS", "Cost", "CrossEntropy", "SquaredError", "energy", "get_cost", "ORDERS", "PERTURBATIONS",
-    "RULES", "Dynamics", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
+    "RULES", "Dynamics", "Interrupted", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
     "Estimate", "EquilibriumPropagation", "all_finite", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
     "FreeState", "VGG10Skip",
 ]

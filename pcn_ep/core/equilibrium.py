@@ -28,6 +28,7 @@ Every example in the batch carries its own β (a tensor), so the four estimators
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,10 @@ from .networks import PCN, FreeState
 RULES = ("mod-pgd", "pgd")
 ORDERS = ("async", "sync")
 PERTURBATIONS = ("nudge", "clamp")
+
+
+class Interrupted(Exception):
+    """A stop request (e.g. a preemption signal) arrived during the nudged phase."""
 
 
 @dataclass
@@ -159,8 +164,13 @@ def nudged_phase(
     perturbation: str = "nudge",
     trace: bool = False,
     count_kinks: bool = False,
+    interrupt: Callable[[], bool] | None = None,
 ) -> NudgedState:
-    """Relax from the free state under per-example nudging strengths ``betas`` (shape [batch])."""
+    """Relax from the free state under per-example nudging strengths ``betas`` (shape [batch]).
+
+    ``interrupt`` is asked once per iteration (a plain Python call, no device sync); when it returns
+    True the relaxation stops with ``Interrupted``, so a preemption signal never waits for K
+    iterations to finish."""
     if perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {list(PERTURBATIONS)}")
     L, alpha = network.depth, dynamics.alpha
@@ -197,6 +207,8 @@ def nudged_phase(
     if dynamics.order == "sync":
         groups = [list(layers)]
     for _ in range(dynamics.K):
+        if interrupt is not None and interrupt():
+            raise Interrupted("the nudged phase was interrupted by a stop request")
         for group in groups:
             vjp_memo: dict[int, tuple] = {}
             new = {k: updated(k, vjp_memo) for k in group if needs_update(k)}

@@ -16,6 +16,7 @@ spec Eq. 11, so no free-phase term is needed):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,8 @@ class EquilibriumPropagation:
         generator: RNG for the random scheme's signs (default: torch's global RNG).
         count_kinks: count the units that cross a ReLU/max-pool kink during the relaxation
             (``Estimate.kinks``; a diagnostic for gradcheck, not for training).
+        interrupt: asked once per nudge iteration; True stops the phase with ``Interrupted``
+            (the training module points it at its preemption flag).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class EquilibriumPropagation:
         trace: bool = False,
         generator: torch.Generator | None = None,
         count_kinks: bool = False,
+        interrupt: Callable[[], bool] | None = None,
     ) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
@@ -105,6 +109,7 @@ class EquilibriumPropagation:
         self.cost, self.perturbation, self.scheme, self.beta = get_cost(cost), perturbation, scheme, beta
         self.dynamics = dynamics or Dynamics()
         self.trace, self.generator, self.count_kinks = trace, generator, count_kinks
+        self.interrupt = interrupt
 
     def predict(self, network: PCN, x: Tensor) -> Tensor:
         """The prediction is the free state's output: a forward pass (spec §1.2)."""
@@ -129,7 +134,7 @@ class EquilibriumPropagation:
             betas, copies = self.signed_betas(x.shape[0], x.device)
             nudged = nudged_phase(
                 network, free.repeat(copies), y.repeat(copies), betas, self.cost, self.dynamics,
-                self.perturbation, self.trace, self.count_kinks,
+                self.perturbation, self.trace, self.count_kinks, self.interrupt,
             )
             # (1/β_i) / copies / batch: the mean over examples of the per-example estimates.
             weights = 1.0 / (betas * copies * x.shape[0])

@@ -95,6 +95,8 @@ class PCN(nn.Module):
 
 
 def _width(channels: int, width_mult: float) -> int:
+    if not width_mult > 0 or width_mult == float("inf"):
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult!r}")
     return max(1, round(channels * width_mult))
 
 

@@ -1,10 +1,50 @@
-"""In-memory data modules: the whole split lives in tensors (tiny data sets train in seconds)."""
+"""In-memory data modules: the whole split lives in tensors (tiny data sets train in seconds).
+
+Every data module in this package offers, after ``setup``, ``num_classes`` (labels are class
+indices 0..num_classes−1) and ``example_shape()`` (the shape of one input, (C, H, W) for images,
+(D,) for vectors), so that a model can check that it fits the data before training. Bad data ends
+in one ``DataError`` whose first line names the file or value and the problem.
+"""
 from __future__ import annotations
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+class DataError(ValueError):
+    """A data file or value that cannot be used; the message's first line names it and the problem.
+
+    A DataLoader worker re-raises an exception as ``DataError("Caught DataError in DataLoader
+    worker process 0.\nOriginal Traceback ...")``: the original message is moved to the first line.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        if message.startswith("Caught DataError"):
+            original = message.rpartition("DataError: ")[2].strip()
+            message = f"{original}\n{message}" if original else message
+        super().__init__(message)
+
+
+def check_split(split: str, x: Tensor, y: Tensor, num_classes: int, source: str) -> None:
+    """One cheap pass over a split: as many inputs as labels, integer labels in
+    0..num_classes−1, finite inputs. Raises a ``DataError`` naming the split and its source."""
+    where = f"{split} split of {source}"
+    if len(y) == 0 or len(x) != len(y) or y.dim() != 1:
+        raise DataError(f"{where}: {len(x)} inputs and labels of shape {tuple(y.shape)}; "
+                        "expected as many labels as inputs, at least one")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{where}: labels must be integer class indices, got {y.dtype}")
+    bad = ((y < 0) | (y >= num_classes)).nonzero().flatten()
+    if len(bad):
+        raise DataError(f"{where}: label {y[bad[0]].item()} of example {bad[0].item()} is outside "
+                        f"0..{num_classes - 1} ({len(bad)} such labels)")
+    if x.is_floating_point():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()
+        if len(bad):
+            raise DataError(f"{where}: example {bad[0].item()} has non-finite values (NaN or "
+                            f"infinity; {len(bad)} such examples)")
 
 
 class EpochShuffle(Sampler[int]):
@@ -36,7 +76,10 @@ def step_generator(seed: int, trainer: L.Trainer) -> torch.Generator:
 
 
 class TensorDataModule(L.LightningDataModule):
-    """Train/val/test splits held as tensors; subclasses fill ``self.splits`` in ``setup``.
+    """Train/val/test splits held as tensors; subclasses fill them in ``setup`` with ``set_splits``,
+    which checks each split once (labels in range, finite inputs).
+
+    After ``setup``: ``num_classes`` and ``example_shape()`` (see the module docstring).
 
     Args:
         batch_size: per-process batch size.
@@ -52,6 +95,25 @@ class TensorDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def set_splits(self, splits: dict[str, tuple[Tensor, Tensor]],
+                   sources: str | dict[str, str]) -> None:
+        """Keep ``splits`` (train, val, test) after checking each once (a split that reuses an
+        earlier one's tensors is not checked again); ``sources`` names where each split came from
+        (a file, a folder, a generator) for the error message."""
+        checked = []
+        for split, (x, y) in splits.items():
+            if not any(x is a and y is b for a, b in checked):
+                source = sources if isinstance(sources, str) else sources[split]
+                check_split(split, x, y, self.num_classes, source)
+                checked.append((x, y))
+        self.splits = splits
+
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one input, (C, H, W) or (D,); sets the module up if it is not yet."""
+        if not self.splits:
+            self.setup()
+        return tuple(self.splits["train"][0].shape[1:])
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         x, y = self.splits[split]

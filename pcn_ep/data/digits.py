@@ -64,8 +64,9 @@ class DigitsDataModule(TensorDataModule):
         x = (x - mean) / std
         if self.flatten:
             x = x.flatten(1)
-        self.splits = {name: (x[i], y[i]) for name, i in
-                       (("train", train), ("val", val), ("test", test))}
+        self.set_splits({name: (x[i], y[i]) for name, i in
+                         (("train", train), ("val", val), ("test", test))},
+                        "scikit-learn's digits")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer

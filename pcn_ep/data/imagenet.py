@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from .base import step_generator
+from .base import DataError, step_generator
 from .images import STATS, normalize, random_crops
 
 MEAN, STD = STATS["imagenet"]
@@ -42,6 +42,10 @@ class ImageNetDataModule(L.LightningDataModule):
         batch_size: per process. num_workers: decoding workers per process.
         drop_last: drop the last incomplete training batch (FFCV's ImageNet recipe does).
         os_cache: FFCV reads through the OS page cache (fast when the file fits in RAM).
+
+    ``setup`` checks the paths, that FFCV is installed, the class count and that the labels are in
+    range; an unreadable image in a folder fails when loaded, naming the file. ``num_classes`` and
+    ``example_shape()`` (3, image_size, image_size) describe the batches.
     """
 
     def __init__(
@@ -76,16 +80,36 @@ class ImageNetDataModule(L.LightningDataModule):
 
     # -- checks ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        for path in (self.train_path, self.val_path):
+        for key in ("train_path", "val_path"):
+            path = getattr(self, key)
             if not path.exists():
-                raise FileNotFoundError(f"ImageNet data not found: {path}")
+                raise FileNotFoundError(f"ImageNet data not found: {path} "
+                                        f"(check data.init_args.{key})")
+            if path.is_dir() != (self.backend == "folder"):
+                raise DataError(f"{path} is a {'folder' if path.is_dir() else 'file'} but backend "
+                                f"is {self.backend!r}: the ffcv backend reads a .beton file, the "
+                                "folder backend an ImageFolder tree (check data.init_args.backend)")
         if self.backend == "folder":
-            from torchvision.datasets import ImageFolder
+            from torchvision.datasets.folder import find_classes
 
-            found = len(ImageFolder(str(self.train_path)).classes)
-            if found != self.num_classes:
-                raise ValueError(f"{self.train_path} has {found} classes, num_classes is "
-                                 f"{self.num_classes}")
+            classes = find_classes(str(self.train_path))[0]
+            if len(classes) != self.num_classes:
+                raise DataError(f"{self.train_path} has {len(classes)} classes, num_classes is "
+                                f"{self.num_classes}")
+            if find_classes(str(self.val_path))[0] != classes:
+                raise DataError(f"{self.val_path} does not have the class folders of "
+                                f"{self.train_path}: its labels would not match")
+        else:
+            for path in {self.train_path, self.val_path}:
+                labels = _beton_labels(path)
+                bad = labels[(labels < 0) | (labels >= self.num_classes)]
+                if len(bad):
+                    raise DataError(f"{path}: label {bad[0]} is outside 0..{self.num_classes - 1} "
+                                    f"({len(bad)} such labels)")
+
+    def example_shape(self) -> tuple[int, ...]:
+        """The shape of one normalized input: (3, image_size, image_size), both backends."""
+        return (3, self.image_size, self.image_size)
 
     # -- loaders -----------------------------------------------------------------------------
     @property
@@ -117,7 +141,7 @@ class ImageNetDataModule(L.LightningDataModule):
                 pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
             )
         except Exception as err:  # FFCV reports a corrupt header as assorted low-level errors
-            raise ValueError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err
+            raise DataError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err
 
     def _folder_loader(self, path: Path, train: bool) -> DataLoader:
         from torchvision.datasets import ImageFolder
@@ -131,7 +155,7 @@ class ImageNetDataModule(L.LightningDataModule):
         else:
             crop = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.image_size)]
         flip = [v2.RandomHorizontalFlip()] if train else []
-        dataset = ImageFolder(str(path), transform=v2.Compose(
+        dataset = ImageFolder(str(path), loader=_decode, transform=v2.Compose(
             [v2.PILToTensor(), v2.RGB()] + crop + flip))
         # Under DDP Lightning replaces the sampler by a DistributedSampler, which pads the last
         # rank's share with repeated examples so that every rank gets the same number of batches.
@@ -160,3 +184,29 @@ class ImageNetDataModule(L.LightningDataModule):
             x = random_crops(x, (self.image_size, self.image_size),
                              step_generator(self.seed, trainer))
         return normalize(x, MEAN, STD), y.long().view(-1)
+
+
+def _decode(path: str):
+    """ImageFolder's image loader, failing with the file's name (a DataLoader worker passes the
+    message on; ``DataError`` puts it on the first line)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as err:  # noqa: BLE001 - PIL reports bad files as assorted errors
+        raise DataError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+
+
+def _beton_labels(path: Path):
+    """The labels stored in a .beton file's metadata (no image is decoded)."""
+    try:
+        from ffcv.reader import Reader
+    except Exception as err:  # noqa: BLE001 - ImportError, or a missing system library
+        raise DataError(f"cannot read {path}: FFCV is not installed ({type(err).__name__}: {err}); "
+                        "install it with `pip install -e .[ffcv]` (needs apt-get install "
+                        "libturbojpeg0-dev libopencv-dev), or use backend: folder") from err
+    try:
+        reader = Reader(str(path))
+        return reader.metadata[f"f{reader.field_names.index('label')}"]
+    except Exception as err:  # noqa: BLE001 - a corrupt header gives assorted low-level errors
+        raise DataError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err

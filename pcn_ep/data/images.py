@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TensorDataModule, step_generator
+from .base import DataError, TensorDataModule, step_generator
 
 STATS = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -58,22 +59,56 @@ def random_crop_flip(x: Tensor, padding: int, flip: bool, generator: torch.Gener
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path} (check data.init_args.root)")
+    if not path.is_file():
+        raise DataError(f"{path} is a folder, expected a data file")
     return path
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path):
+    _require(path)
     try:
-        with open(_require(path), "rb") as f:
+        with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ValueError(f"corrupt data file {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - unpickling garbage raises assorted errors
+        raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from err
 
 
-def read_cifar(root: Path, classes: int) -> dict[str, tuple[Tensor, Tensor]]:
+def _read_pickles(paths: list[Path], key: str) -> tuple[Tensor, Tensor]:
+    """Images and labels from pickled dicts with ``data`` (N × 3072 uint8, channel-major 3×32×32)
+    and the labels under ``key`` (one integer per image), concatenated over ``paths``."""
+    xs, ys = [], []
+    for path in paths:
+        batch = _unpickle(path)
+        if not isinstance(batch, dict) or "data" not in batch or key not in batch:
+            found = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+            raise DataError(f"{path}: expected a pickled dict with 'data' and {key!r} entries, "
+                            f"found {found}")
+        try:
+            x, y = np.asarray(batch["data"]), np.asarray(batch[key])
+        except ValueError as err:  # ragged lists
+            raise DataError(f"{path}: 'data' or {key!r} is not an array ({err})") from err
+        if x.dtype != np.uint8 or x.ndim < 2 or np.prod(x.shape[1:]) != 3072:
+            raise DataError(f"{path}: 'data' must be N × 3072 uint8 pixels (3×32×32 each), got "
+                            f"shape {x.shape} of {x.dtype}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: {key!r} must be a list of integer class indices, got shape "
+                            f"{y.shape} of {y.dtype}")
+        if len(x) != len(y):
+            raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)).long()
+
+
+def _names(folder: Path, names: list[str]) -> str:
+    return str(folder / names[0]) if len(names) == 1 else f"{folder}/{{{','.join(names)}}}"
+
+
+def read_cifar(root: Path, classes: int) -> dict[str, tuple[Tensor, Tensor, str]]:
     """The python-version archives' layout: ``cifar-10-batches-py/data_batch_1..5, test_batch`` or
     ``cifar-100-python/train, test``. (torchvision's reader insists on the official archives' MD5
-    checksums; this one reads any file in the same format.)"""
+    checksums; this one reads any file in the same format.) Each split: images, labels, files."""
     if classes == 10:
         folder, parts = root / "cifar-10-batches-py", {
             "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -81,51 +116,66 @@ def read_cifar(root: Path, classes: int) -> dict[str, tuple[Tensor, Tensor]]:
     else:
         folder, parts, key = root / "cifar-100-python", {"train": ["train"], "test": ["test"]}, \
             "fine_labels"
-    splits = {}
-    for split, names in parts.items():
-        batches = [_unpickle(folder / name) for name in names]
-        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([b[key] for b in batches])
-        splits[split] = (torch.from_numpy(x.copy()), torch.from_numpy(y).long())
-    return splits
+    return {split: (*_read_pickles([folder / n for n in names], key), _names(folder, names))
+            for split, names in parts.items()}
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes (magic 0x00 0x00 0x08 ndim), gzipped or not."""
+    data = _require(path).read_bytes()
+    if path.suffix == ".gz" or data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: corrupt gzip stream ({err})") from err
+    if len(data) < 4:
+        raise DataError(f"{path}: " + (f"{len(data)} bytes, too short for an idx file" if data
+                                       else "empty file"))
+    if data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path}: bad magic number 0x{data[:4].hex()}, not an idx file of "
+                        "unsigned bytes (0x000008..)")
     dims = data[3]
+    if dims != ndim:
+        what = "images (N × H × W)" if ndim == 3 else "labels"
+        swapped = " (images and labels files swapped?)" if dims in (1, 3) else ""
+        raise DataError(f"{path}: holds a {dims}-D array, expected {ndim}-D {what}{swapped}")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"corrupt data file {path}: {body.size} bytes for shape {shape}")
+    body = np.frombuffer(data, dtype=np.uint8, offset=min(4 + 4 * dims, len(data)))
+    if len(data) < 4 + 4 * dims or body.size != int(np.prod(shape)):
+        raise DataError(f"{path}: {body.size} bytes of data for shape {shape}: truncated or corrupt")
     return body.reshape(shape)
 
 
-def read_mnist(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
+def read_mnist(root: Path) -> dict[str, tuple[Tensor, Tensor, str]]:
     """The idx files as torchvision lays them out: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}
-    -ubyte`` (optionally ``.gz``)."""
+    -ubyte`` (optionally ``.gz``). Each split: images, labels, the labels file."""
     raw = root / "MNIST" / "raw"
     splits = {}
     for split, stem in (("train", "train"), ("test", "t10k")):
         files = []
         for kind in ("images-idx3", "labels-idx1"):
             path = raw / f"{stem}-{kind}-ubyte"
-            files.append(path if path.exists() else _require(path.with_name(path.name + ".gz")))
-        x, y = _read_idx(files[0]), _read_idx(files[1])
+            gz = path.with_name(path.name + ".gz")
+            files.append(gz if not path.exists() and gz.exists() else path)
+            if not files[-1].exists():
+                raise FileNotFoundError(f"data file not found: {path} (or {gz.name}; check "
+                                        "data.init_args.root)")
+        x, y = _read_idx(files[0], 3), _read_idx(files[1], 1)
+        if len(x) != len(y):
+            raise DataError(f"{files[0]} holds {len(x)} images but {files[1]} holds {len(y)} "
+                            "labels")
         x = F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # 28 → 32 (spec §6)
-        splits[split] = (x, torch.from_numpy(y.copy()).long())
+        splits[split] = (x, torch.from_numpy(y.copy()).long(), str(files[1]))
     return splits
 
 
-def read_imagenet32(root: Path) -> dict[str, tuple[Tensor, Tensor]]:
+def read_imagenet32(root: Path) -> dict[str, tuple[Tensor, Tensor, str]]:
     """Downsampled ImageNet (Chrabaszcz et al. 2017): pickles ``train_data_batch_1..10`` and
-    ``val_data`` with ``data`` (N × 3072 uint8, channel-major) and 1-based ``labels``."""
+    ``val_data`` with ``data`` (N × 3072 uint8, channel-major) and 1-based ``labels``, shifted to
+    0-based here. Each split: images, labels, files."""
     def load(names):
-        batches = [_unpickle(root / n) for n in names]
-        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b["labels"]) for b in batches]) - 1
-        return torch.from_numpy(x.copy()), torch.from_numpy(y).long()
+        x, y = _read_pickles([root / n for n in names], "labels")
+        return x, y - 1, _names(root, names) + " (labels 1-based on disk, shown minus 1)"
 
     return {"train": load([f"train_data_batch_{i}" for i in range(1, 11)]),
             "test": load(["val_data"])}
@@ -157,21 +207,22 @@ class ImageDataModule(TensorDataModule):
         if self.splits:
             return
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data root not found: {self.root}")
+            raise FileNotFoundError(f"data root not found: {self.root} "
+                                    "(check data.init_args.root)")
         reader = {"mnist": read_mnist, "imagenet32": read_imagenet32}.get(self.dataset)
-        splits = reader(self.root) if reader else read_cifar(self.root, self.num_classes)
-        labels = torch.cat([splits["train"][1], splits["test"][1]])
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"{self.dataset} labels outside 0..{self.num_classes - 1} in {self.root}")
+        read = reader(self.root) if reader else read_cifar(self.root, self.num_classes)
+        (x, y, files), test = read["train"], read["test"]
+        splits = {"train": (x, y), "test": test[:2], "val": test[:2]}  # val: test's tensors
+        sources = {"train": files, "test": test[2], "val": test[2]}
         if self.val_size:
-            x, y = splits["train"]
+            if not 0 < self.val_size < len(y):
+                raise DataError(f"val_size {self.val_size} must be between 0 and the {len(y)} "
+                                f"training examples in {files}")
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
             val, train = order[: self.val_size], order[self.val_size:]
-            splits = {"train": (x[train], y[train]), "val": (x[val], y[val]),
-                      "test": splits["test"]}
-        else:
-            splits["val"] = splits["test"]
-        self.splits = splits
+            splits.update(train=(x[train], y[train]), val=(x[val], y[val]))
+            sources["val"] = f"{files}, held out for validation"
+        self.set_splits(splits, sources)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

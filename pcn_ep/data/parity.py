@@ -48,5 +48,6 @@ class SparseParityDataModule(TensorDataModule):
         def split(a, b):
             return torch.tensor(a, dtype=torch.float32), torch.tensor((b > 0).astype(np.int64))
 
-        self.splits = {"train": split(x, y), "test": split(xt, yt)}
-        self.splits["val"] = self.splits["test"]
+        test = split(xt, yt)
+        self.set_splits({"train": split(x, y), "test": test, "val": test},
+                        f"sparse parity (n={self.n_bits}, k={self.k_sparse}, seed {self.seed})")

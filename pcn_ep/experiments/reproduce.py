@@ -69,7 +69,7 @@ def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": f"{run}/checkpoints", "monitor": "val/top1_error",
-                           "mode": "min", "save_last": True, "enable_version_counter": False}},
+                           "mode": "min", "save_last": False, "enable_version_counter": False}},
             {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}],
     }}
 

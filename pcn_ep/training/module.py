@@ -6,6 +6,7 @@ takes one optimizer step. Validation and test are a forward pass: top-1 / top-5 
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
@@ -14,7 +15,11 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, all_finite
+from ..core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, Interrupted
+from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock
+
+
+LOSS_JUMP = 1e3  # the factor by which one step may raise its batch's loss before it counts as divergence
 
 
 class PCNEPModule(L.LightningModule):
@@ -35,6 +40,11 @@ class PCNEPModule(L.LightningModule):
             with an error naming epoch, step, phase and layer (default), or ``skip``s the batch
             (no update; counted and logged as ``skipped_batches``) until ``max_skipped`` is exceeded.
             The checkpoint of the last good epoch is never overwritten by a diverged model.
+        max_energy_ratio: a slow blow-up guard. At a nudged equilibrium E(h^β) <= β C(h*) (the
+            relaxation lowers F = E + βC from its free-state value βC(h*)), so a nudged energy E
+            above ``max_energy_ratio`` x β x the free-phase cost means the relaxation is running
+            away (states growing, the EP gradient no longer tracking backprop): treated as
+            divergence. ``null`` turns it off.
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class PCNEPModule(L.LightningModule):
         seed: int = 0,
         on_divergence: str = "stop",
         max_skipped: int = 10,
+        max_energy_ratio: float | None = 100.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
@@ -71,6 +82,15 @@ class PCNEPModule(L.LightningModule):
             raise ValueError(f"schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
         if on_divergence not in ("stop", "skip"):
             raise ValueError(f"on_divergence must be 'stop' or 'skip', got {on_divergence!r}")
+        if not 0 <= lr < float("inf"):
+            raise ValueError(f"model.lr must be a finite number >= 0, got {lr!r}")
+        if t_max is not None and (isinstance(t_max, bool) or t_max < 1):
+            raise ValueError(f"model.t_max (cosine schedule length in epochs) must be >= 1, got {t_max!r}")
+        if max_energy_ratio is not None and not max_energy_ratio > 0:
+            raise ValueError(f"model.max_energy_ratio must be > 0 or null, got {max_energy_ratio!r}")
+        if not 0 <= momentum < 1 or weight_decay < 0 or eta_min < 0 or max_skipped < 0:
+            raise ValueError("model.momentum must be in [0, 1), and weight_decay, eta_min and "
+                             f"max_skipped >= 0; got {momentum}, {weight_decay}, {eta_min}, {max_skipped}")
         if layer_lrs is not None and len(layer_lrs) != network.depth:
             raise ValueError(f"layer_lrs has {len(layer_lrs)} entries, the network {network.depth} layers")
         self.signs = torch.Generator().manual_seed(seed)
@@ -79,8 +99,10 @@ class PCNEPModule(L.LightningModule):
         else:
             self.estimator = EquilibriumPropagation(
                 cost, perturbation, scheme, beta, Dynamics(K, rule, order, alpha),
-                generator=self.signs,
+                generator=self.signs, interrupt=STOP,
             )
+        if isinstance(getattr(self.estimator, "check_finite", None), bool):
+            self.estimator.check_finite = False  # the step reads one health flag instead (_healthy)
         classes = network.layers[-1].weight.shape[0]
         self.metrics = torch.nn.ModuleDict({
             f"{split}_top{k}": MulticlassAccuracy(classes, top_k=k, average="micro")
@@ -90,48 +112,150 @@ class PCNEPModule(L.LightningModule):
         self.skipped_batches = 0
 
     def configure_callbacks(self):
-        from .callbacks import PreemptionCheckpoint
-
-        return [PreemptionCheckpoint()]
+        """Preemption always; with checkpointing on, the folder's lock and ``last.ckpt``."""
+        callbacks = [Preemption()]
+        if self.trainer.checkpoint_callbacks:  # a folder of checkpoints to own and keep current
+            callbacks += [RunFolderLock(), LastCheckpoint()]
+        return callbacks
 
     @property
     def num_classes(self) -> int:
         return self.network.layers[-1].weight.shape[0]
 
     def setup(self, stage: str) -> None:
-        """Fail before training if the data does not fit the network."""
+        """Fail before training if the data does not fit the network; per-rank sign generators and
+        the CPU process group the ranks agree through (DDP)."""
         data = getattr(self.trainer, "datamodule", None)
         classes = getattr(data, "num_classes", None)
         if classes is not None and classes != self.num_classes:
             raise ValueError(f"the data has {classes} classes but the network outputs "
                              f"{self.num_classes} (set model.network.init_args.num_classes)")
+        shape = data.example_shape() if hasattr(data, "example_shape") else None
+        if shape is not None:
+            self._check_input_shape(tuple(shape))
         if self.hparams.algorithm == "ep" and self.global_rank != 0:
             self.signs.manual_seed(self.hparams.seed + self.global_rank)  # DDP: signs differ per rank
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and getattr(self, "_flag_group", None) is None):
+            self._flag_group = torch.distributed.new_group(backend="gloo")
+
+    def _check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """One example of the data's shape through the network, on the CPU, before training."""
+        first = self.network.layers[0].weight
+        probe = torch.zeros((1, *shape), dtype=first.dtype, device=first.device)
+        try:
+            with torch.no_grad():
+                self.network(probe)
+        except RuntimeError as err:
+            wants = (f"in_channels {first.shape[1]}" if first.dim() == 4 else f"in_features {first.shape[1]}")
+            raise ValueError(
+                f"the data's examples have shape {list(shape)} but the network "
+                f"({type(self.network).__name__}, {wants}) cannot take them: "
+                f"{str(err).splitlines()[0]} (set model.network.init_args.in_channels / input_size "
+                "to match the data)") from None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x)
 
     # -- training -------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        """One update. The health of the step (finite loss and gradients, nudged energy within
+        ``max_energy_ratio``) is read from the device once, at the end, before the optimizer step;
+        under DDP the ranks agree on it (and on an interrupted nudged phase) so that they all
+        take the step or all skip it."""
         x, y = batch
         now = time.perf_counter()
         optimizer = self.optimizers()
         optimizer.zero_grad()
         try:
             estimate = self.estimator(self.network, x, y)
-            if not torch.isfinite(estimate.loss):
-                raise DivergenceError(f"non-finite loss {estimate.loss.item()} at the free state")
+        except Interrupted:  # a stop request: take no step; Preemption saves after this batch
+            estimate = None
         except DivergenceError as err:
             return self._diverged(err)
-        self.manual_backward(estimate.surrogate)
-        if self.hparams.algorithm == "bp" and not all_finite(
-                [p.grad for p in self.network.parameters()]):
+        params = list(self.network.parameters())
+        # every rank joins DDP's all-reduce, even one whose nudged phase was interrupted
+        self.manual_backward(estimate.surrogate if estimate is not None
+                             else sum((0.0 * p).sum() for p in params))
+        healthy = self._healthy(estimate, params) if estimate is not None else None
+        interrupted, healthy = self._agree(estimate is None, healthy)
+        if interrupted:
             optimizer.zero_grad()
-            return self._diverged(DivergenceError("non-finite backprop gradient"))
+            return None
+        if not healthy:
+            optimizer.zero_grad()
+            return self._diverged(DivergenceError(self._diagnose(x, y, estimate)))
         optimizer.step()
         if self.hparams.schedule_interval == "step":
             self.lr_schedulers().step()
+        if self.trainer.is_last_batch:
+            self._check_after_last_step(x, y, estimate.loss)
+        self._log_step(estimate, y, optimizer, now)
+        return estimate.loss
 
+    def _check_after_last_step(self, x: Tensor, y: Tensor, loss_before: Tensor) -> None:
+        """The weights an epoch ends with are saved right after it, so they are checked first
+        (a forward pass, once per epoch): finite, and not raising the step's batch loss more than
+        ``LOSS_JUMP``-fold. An exploding step leaves finite weights of ~1e35 whose loss is finite
+        but absurd; a healthy step never multiplies its batch's loss by a thousand."""
+        self.check_weights("after the epoch's last step")
+        with torch.no_grad():
+            loss = self.estimator.cost.value(self.network(x), y).mean()
+        if not bool(torch.isfinite(loss) & (loss <= LOSS_JUMP * (loss_before.detach() + 1))):
+            raise DivergenceError(
+                f"training diverged at epoch {self.current_epoch}, step {self.global_step}: the "
+                f"weights after the epoch's last step raise the batch loss from "
+                f"{loss_before.item():.3g} to {loss.item():.3g} (largest weight "
+                f"{max(p.abs().max().item() for p in self.network.parameters()):.3g}); nothing "
+                "was saved from this state")
+
+    def _healthy(self, estimate, params: list[Tensor]) -> Tensor:
+        """A 0-dim bool on the device: finite loss and gradients, and no slow blow-up (the nudged
+        energy E stays below ``max_energy_ratio`` x beta x the free-phase cost)."""
+        largest = torch._foreach_norm([p.grad for p in params if p.grad is not None], ord=float("inf"))
+        ok = torch.isfinite(estimate.loss) & torch.isfinite(torch.stack(largest)).all()
+        ratio = self.hparams.max_energy_ratio
+        if self.hparams.algorithm == "ep" and ratio is not None:
+            bound = ratio * self.hparams.beta * estimate.loss.detach().abs() + 1e-6
+            for key in ("E+", "E-"):
+                if key in estimate.stats:
+                    ok = ok & (estimate.stats[key] <= bound)
+        return ok
+
+    def _agree(self, interrupted: bool, healthy: Tensor | None) -> tuple[bool, bool]:
+        """(any rank interrupted, every rank healthy): one read from the device, and under DDP
+        one all-reduce on the CPU."""
+        flags = torch.tensor([int(interrupted), int(healthy is not None and not bool(healthy))])
+        group = getattr(self, "_flag_group", None)
+        if group is not None:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(flags[0]), not bool(flags[1])
+
+    def _diagnose(self, x: Tensor, y: Tensor, estimate) -> str:
+        """Why the step failed, naming phase and layer: rerun the estimator with its own checks on
+        (only on this rare path, so the healthy path never syncs for them)."""
+        if estimate is not None and not torch.isfinite(estimate.loss):
+            return f"non-finite loss {estimate.loss.item()} at the free state"
+        toggle = isinstance(getattr(self.estimator, "check_finite", None), bool)
+        try:
+            if toggle:
+                self.estimator.check_finite = True
+            with torch.no_grad() if self.hparams.algorithm == "bp" else torch.enable_grad():
+                again = self.estimator(self.network, x, y)
+        except DivergenceError as err:
+            return str(err)
+        finally:
+            if toggle:
+                self.estimator.check_finite = False
+        if self.hparams.algorithm == "bp":
+            return "non-finite backprop gradient"
+        e = max(float(again.stats.get(k, 0.0)) for k in ("E+", "E-"))
+        return (f"slow blow-up: the nudged energy E = {e:.3g} exceeds max_energy_ratio "
+                f"({self.hparams.max_energy_ratio}) x beta x the free cost "
+                f"({float(again.loss):.3g}) (state growing during the nudged phase; lower lr or "
+                "beta, or raise model.max_energy_ratio)")
+
+    def _log_step(self, estimate, y: Tensor, optimizer, now: float) -> None:
         error = (estimate.logits.argmax(1) != y).float().mean()
         log = {"train/loss": estimate.loss, "train/error": error,
                "lr": optimizer.param_groups[0]["lr"]}
@@ -144,7 +268,6 @@ class PCNEPModule(L.LightningModule):
         self._last_step_start = now
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(y))
         self.log("train_error", error, prog_bar=True, on_step=True, on_epoch=False)
-        return estimate.loss
 
     def _diverged(self, err: DivergenceError) -> None:
         where = f"epoch {self.current_epoch}, step {self.global_step}"
@@ -155,6 +278,17 @@ class PCNEPModule(L.LightningModule):
         self.skipped_batches += 1
         self.log("skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
         return None
+
+    def check_weights(self, when: str) -> None:
+        """Raise ``DivergenceError`` naming the first non-finite parameter (one device read)."""
+        params = dict(self.network.named_parameters())
+        largest = torch.stack(torch._foreach_norm(list(params.values()), ord=float("inf")))
+        if bool(torch.isfinite(largest).all()):  # max |w| per tensor: a sum of squares would overflow
+            return
+        bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+        raise DivergenceError(f"training diverged at epoch {self.current_epoch}, step "
+                              f"{self.global_step}: non-finite weights {when} (parameter {bad}); "
+                              "nothing was saved from this state")
 
     def on_train_epoch_start(self) -> None:
         """Bring a per-epoch schedule to the current epoch. Idempotent, so a checkpoint saved
@@ -183,11 +317,36 @@ class PCNEPModule(L.LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": hp.schedule_interval}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["sign_generator"] = self.signs.get_state()
+        """No checkpoint ever holds non-finite weights; each rank's sign generator is kept."""
+        if self._trainer is not None and self.trainer.training:
+            self.check_weights("before saving a checkpoint")
+        state = self.signs.get_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["sign_generators"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "sign_generator" in checkpoint:
-            self.signs.set_state(checkpoint["sign_generator"])
+        """Each rank takes back its own sign generator (a rank the saved run did not have keeps
+        its fresh seed + rank)."""
+        states = checkpoint.get("sign_generators") or (
+            [checkpoint["sign_generator"]] if "sign_generator" in checkpoint else [])
+        rank = self.global_rank if self._trainer is not None else 0
+        if rank < len(states):
+            self.signs.set_state(states[rank])
+        self._check_resume(checkpoint.get("hyper_parameters", {}))
+
+    def _check_resume(self, saved: dict) -> None:
+        """Resuming with another algorithm or EP setting is legal but surprising: one warning."""
+        changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in
+                   ("algorithm", "cost", "perturbation", "scheme", "beta", "K", "rule", "order", "alpha")
+                   if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if changed and fitting and self.global_rank == 0:
+            print("pcn_ep: warning: resuming a checkpoint trained with other settings: "
+                  + ", ".join(changed), file=sys.stderr)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: tuple[Tensor, Tensor], split: str) -> None:
