@@ -209,7 +209,9 @@ def test_each_rank_takes_back_its_own_sign_generator():
         module = PCNEPModule(MLP(4, 3, hidden=(5,)), scheme="random")
         module._trainer = SimpleNamespace(global_rank=rank, state=SimpleNamespace(fn="fit"))
         module.on_load_checkpoint({"sign_generators": states})
+        module.on_fit_start()  # the generator is made on the module's device, then restored
         assert torch.equal(module.signs.get_state(), states[rank])
+        assert module.estimator.generator is module.signs
 
 
 # -- 6, 7: bad inputs and impossible values -----------------------------------------------------

@@ -41,7 +41,28 @@ def test_bench_reports_side_by_side(capsys):
                   "--batch-size", "4", "--K", "3", "--steps", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"ep_step_s", "bp_step_s", "time_ratio", "ep_flops", "bp_flops", "flop_ratio",
-            "images_per_s", "mfu", "device"} == report.keys()
+            "ep_kernels", "bp_kernels", "images_per_s", "mfu", "device"} == report.keys()
     assert report["flop_ratio"] == pytest.approx(report["ep_flops"] / report["bp_flops"])
     assert report["flop_ratio"] > 1 and report["mfu"] is None and report["device"] == "cpu"
+    assert report["ep_kernels"] > report["bp_kernels"] > 0
     assert bench(["--device", "cuda"] if not torch.cuda.is_available() else ["--K", "0"]) == 2
+
+
+def test_bench_memory_reports_bytes_per_example(capsys):
+    assert bench(["--memory", "--model", "vgg5", "--width-mult", "0.125", "--batch-sizes", "16",
+                  "128", "--at", "1024", "--K", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for method in ("bp", "centered", "random"):
+        r = report[method]
+        # the report's arithmetic; the sizes themselves are a benchmark's business (a tiny net's
+        # resident set can round to the same pages at both batches on a noisy machine)
+        assert len(r["peak_bytes"]) == 2 and min(r["peak_bytes"]) > 0 and r["bytes_per_example"] >= 0
+        assert r["bytes_per_example"] == (r["peak_bytes"][1] - r["peak_bytes"][0]) / (128 - 16)
+        assert r["projected_peak_bytes"] >= max(r["peak_bytes"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_gpu_suite_refuses_in_one_line_without_a_gpu(capsys):
+    assert bench(["--suite", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA device" in err

@@ -3,13 +3,13 @@ from .energy import COSTS, Cost, CrossEntropy, SquaredError, energy, get_cost
 from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, Interrupted, NudgedState,
                           nudged_phase)
 from .estimators import (SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation,
-                         all_finite)
+                         all_finite, compile_estimator)
 from .layers import PCNLayer
 from .networks import MLP, NETWORKS, PCN, VGG5, VGG10, FreeState, VGG10Skip
 
 __all__ = [
     "COSTS", "Cost", "CrossEntropy", "SquaredError", "energy", "get_cost", "ORDERS", "PERTURBATIONS",
     "RULES", "Dynamics", "Interrupted", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
-    "Estimate", "EquilibriumPropagation", "all_finite", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
+    "Estimate", "EquilibriumPropagation", "all_finite", "compile_estimator", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
     "FreeState", "VGG10Skip",
 ]

@@ -16,8 +16,14 @@ class Cost:
     def value(self, h: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def grad(self, h: Tensor, y: Tensor) -> Tensor:
+    def grad(self, h: Tensor, target: Tensor) -> Tensor:
+        """∂C/∂h_L for a one-hot ``target`` (built once per step, broadcast over leading axes)."""
         raise NotImplementedError
+
+
+def one_hot(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """onehot(y) by comparison: unlike ``F.one_hot`` it never checks the labels on the host."""
+    return (y[:, None] == torch.arange(classes, device=y.device)).to(dtype)
 
 
 class CrossEntropy(Cost):
@@ -28,8 +34,8 @@ class CrossEntropy(Cost):
     def value(self, h: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(h, y, reduction="none")
 
-    def grad(self, h: Tensor, y: Tensor) -> Tensor:
-        return torch.softmax(h, dim=1) - F.one_hot(y, h.shape[1]).to(h.dtype)
+    def grad(self, h: Tensor, target: Tensor) -> Tensor:
+        return torch.softmax(h, dim=-1) - target
 
 
 class SquaredError(Cost):
@@ -38,10 +44,10 @@ class SquaredError(Cost):
     name = "mse"
 
     def value(self, h: Tensor, y: Tensor) -> Tensor:
-        return 0.5 * (h - F.one_hot(y, h.shape[1]).to(h.dtype)).pow(2).sum(1)
+        return 0.5 * (h - one_hot(y, h.shape[1], h.dtype)).pow(2).sum(1)
 
-    def grad(self, h: Tensor, y: Tensor) -> Tensor:
-        return h - F.one_hot(y, h.shape[1]).to(h.dtype)
+    def grad(self, h: Tensor, target: Tensor) -> Tensor:
+        return h - target
 
 
 COSTS: dict[str, Cost] = {"ce": CrossEntropy(), "mse": SquaredError()}

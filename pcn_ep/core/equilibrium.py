@@ -15,27 +15,35 @@ updates all layers from the same old state. Inside one group every layer is comp
 at the start of the group, then all are written (layers of one parity never read each other in a
 chain; a skip's co-parent is read at its old value).
 
-Minimum work (the design constraint of the core issue):
-- the free state's linear parts c*_k are reused, and a layer's c_k is recomputed from the
-  *perturbation*, c_k = c*_k + W (h_{k-1} − h*_{k-1}), only after one of its inputs changed: at most
-  one linear map per changing layer per iteration, and small nudges keep their precision;
-- each layer's transposed map (its vector-Jacobian product) is computed once per group and shared by
-  the layers it feeds;
-- wavefront skipping: a layer is updated only if its own error or a child's error can be non-zero;
-  until the perturbation arrives it keeps its free value (it travels two layers per async iteration).
+Exact in float32 and bf16: the phase carries perturbations, δh_k = h_k − h*_k and δa_k = a_k − a*_k,
+never absolute states. δa_k = W δh_{k-1} (through the pool, ``maxpool(d_k + W δh_{k-1})`` with d_k the
+free window offsets), and ReLU(a* + u) − ReLU(a*) = max(u + min(a*, 0), −ReLU(a*)) is exact wherever
+no unit crosses its kink: a nudge of 1e-6 keeps all its digits in every layer.
 
-Every example in the batch carries its own β (a tensor), so the four estimators are one batched call.
+Minimum work and memory:
+- one free state serves every sign: nudged tensors have shape (copies, batch, ...) and broadcast
+  against it (centered EP runs +β and −β as copies = 2);
+- a layer's δa_k is recomputed (one linear map) only after one of its inputs changed; each layer's
+  transposed map is computed once per group and shared by the layers it feeds;
+- wavefront skipping: a layer is updated only if its own error or a child's error can be non-zero
+  (the perturbation travels two layers per async iteration). Which layers move, refresh and send
+  their error down in each group depends only on the topology, K, order and perturbation, so it is
+  computed once (``schedule``) and the traced step is straight-line tensor code (``torch.compile``
+  with ``fullgraph=True``).
+
+Every example carries its own β (a tensor), so the four estimators are one batched call.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .energy import Cost, energy
+from .energy import Cost, energy, one_hot
 from .networks import PCN, FreeState
 
 RULES = ("mod-pgd", "pgd")
@@ -67,91 +75,186 @@ class Dynamics:
             raise ValueError(f"alpha (step size) must be in (0, 1], got {self.alpha!r}")
 
 
-@dataclass
-class NudgedState:
-    """The state after K iterations, with fresh pre-activations for every layer that can have error.
+_SCHEDULES: dict[tuple, tuple] = {}
 
-    ``error_layers`` lists the layers k whose ε_k can be non-zero; every other layer has ε_k = 0
-    exactly and so contributes a zero weight gradient. ``trace`` (if requested) holds per-example
-    E and C at iterations 0..K. ``kinks`` (if requested) counts, per hidden layer, the units that
-    crossed a kink at any point of the relaxation: a ReLU switching (a_k or h_k changing sign
-    relative to the free a_k*) or a max-pool window changing its argmax. EP then differentiates a
-    piecewise function across the kink and no longer equals backprop's one-sided derivative: a
-    finite-β effect, gone as β → 0, that ``gradcheck`` reports to explain a mismatch.
+
+@torch.compiler.assume_constant_result
+def schedule(sources: tuple[tuple[int, ...], ...], K: int, order: str, clamp: bool):
+    """``_plan`` for one topology and K, computed once (a compiled step takes it as a constant)."""
+    key = (sources, K, order, clamp)
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = _plan(*key)
+    return _SCHEDULES[key]
+
+
+def _plan(sources: tuple[tuple[int, ...], ...], K: int, order: str, clamp: bool):
+    """The wavefront plan: per iteration, per group, (layers to refresh, layers whose error goes down,
+    layers to update), as (first iterations, the steady iteration, its repeat count) since the plan
+    stops changing once the perturbation reached every layer; then the layers whose error can be
+    non-zero at the end and those to refresh.
+
+    ``sources[k - 1]`` are the states layer k reads. Pure bookkeeping of which tensors can be
+    non-zero: it depends on no value, so a traced step never branches on data."""
+    L = len(sources)
+    readers = {k: [j for j in range(1, L + 1) if k in sources[j - 1]] for k in range(L + 1)}
+    moved, stale = ({L} if clamp else set()), set()
+
+    def error(k: int) -> bool:
+        return k in moved or any(s in moved for s in sources[k - 1])
+
+    layers = range(1, L + 1)
+    groups = [[k for k in layers if k % 2 == 0], [k for k in layers if k % 2 == 1]]
+    plan = []
+    while len(plan) < K:
+        before = (frozenset(moved), frozenset(stale))
+        plan.append([])
+        for group in groups if order == "async" else [list(layers)]:
+            updates = [k for k in group if (k < L and (error(k) or any(map(error, readers[k]))))
+                       or (k == L and not clamp)]
+            down = sorted({j for k in updates if k < L for j in readers[k] if error(j)})
+            refresh = sorted(k for k in set(updates) | set(down) if k in stale)
+            stale -= set(refresh)
+            plan[-1].append((refresh, down, updates))
+            for k in updates:
+                moved.add(k)
+                stale.update(readers[k])
+        if (frozenset(moved), frozenset(stale)) == before:
+            break  # a fixed point: every later iteration is this one (so a huge K costs nothing here)
+    repeats = K - len(plan) + 1  # the last iteration, run this many times
+    error_layers = [k for k in layers if error(k)]
+    return (plan[:-1], plan[-1], repeats), error_layers, [k for k in error_layers if k in stale]
+
+
+class NudgedState:
+    """The relaxed state as perturbations of the free state (the running bookkeeping, too).
+
+    ``delta[k]`` = h_k − h*_k and ``delta_a[k]`` = a_k − a*_k have shape (copies, batch, ...); ``None``
+    means zero (not reached yet). ``indices[k]`` is the nudged pool routing, flat (copies·batch, ...).
+    ``error_layers`` lists the layers whose ε_k can be non-zero; every other ε_k is exactly zero.
+    ``trace`` (if asked) holds per-example E and C at iterations 0..K. ``kinks`` (if asked) counts,
+    per hidden layer, the units that crossed a kink at any point: a ReLU switching (a_k or h_k
+    changing sign relative to a*_k) or a max-pool window changing its argmax. EP then differentiates
+    a piecewise function across the kink and is no longer backprop's one-sided derivative: a finite-β
+    effect, gone as β → 0, that ``gradcheck`` reports (counting syncs: a diagnostic only).
     """
 
-    h: list[Tensor]
-    c: list[Tensor | None]
-    a: list[Tensor | None]
-    indices: list[Tensor | None]
-    error_layers: list[int]
-    trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    kinks: list[int] | None = None
+    def __init__(self, network: PCN, free: FreeState, copies: int, count_kinks: bool) -> None:
+        L = network.depth
+        self.net, self.free, self.copies = network, free, copies
+        self.delta: list[Tensor | None] = [None] * (L + 1)
+        self.delta_a: list[Tensor | None] = [None] * (L + 1)
+        self.indices: list[Tensor | None] = [None] * (L + 1)
+        self.error_layers: list[int] = []
+        self.trace: list[tuple[Tensor, Tensor]] = []
+        self.kinks: list[int] | None = None
+        self.crossed = ([None] + [torch.zeros((copies, *a.shape), dtype=torch.bool, device=a.device)
+                                  for a in free.a[1:L]] if count_kinks else None)
 
+    # -- free quantities (recomputed from a*, which is all that is stored) ---------------------
+    def free_h(self, k: int) -> Tensor:
+        return self.free.x if k == 0 else self.free.h_of(k)
 
-class _Relaxation:
-    """Bookkeeping of one nudged phase: current states, cached pre-activations, what has moved."""
+    def state_shape(self, k: int) -> torch.Size:
+        """Shape of h_k for the flat nudged batch."""
+        h = self.free.x if k == 0 else self.free.a[k]
+        return torch.Size((self.copies * h.shape[0], *h.shape[1:]))
 
-    def __init__(self, network: PCN, free: FreeState, count_kinks: bool = False) -> None:
-        self.net, self.free = network, free
-        self.h, self.c, self.a = list(free.h), list(free.c), list(free.a)
-        self.indices = list(free.indices)
-        self.moved: set[int] = set()  # states that may differ from the free state
-        self.stale: set[int] = set()  # layers whose c_k, a_k predate a change of their inputs
-        # Per hidden layer, the units that crossed a kink so far (only when asked: costs a compare).
-        self.crossed = [torch.zeros_like(a, dtype=torch.bool) if count_kinks and k else None
-                        for k, a in enumerate(free.a[: network.depth])]
+    def kink_terms(self, k: int) -> tuple[Tensor, Tensor]:
+        """(min(a*, 0), −ReLU(a*)): ReLU(a* + u) − ReLU(a*) = max(u + min(a*, 0), −ReLU(a*))."""
+        q = self.free.a[k].clamp(max=0)
+        return q, q - self.free.a[k]
 
+    def relu_delta(self, k: int, u: Tensor) -> Tensor:
+        """ReLU(a*_k + u) − ReLU(a*_k) (u for a linear layer), exact where no kink is crossed."""
+        if not self.net.layers[k - 1].relu:
+            return u
+        q, lo = self.kink_terms(k)
+        return torch.maximum(u + q, lo)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def flat(self, t: Tensor) -> Tensor:
+        return t.flatten(0, 1)
+
+    def split(self, t: Tensor) -> Tensor:
+        return t.unflatten(0, (self.copies, -1))
+
+    def absolute(self, k: int) -> Tensor:
+        """h_k, flat (copies·batch, ...)."""
+        h = self.free_h(k)
+        h = h + self.delta[k] if self.delta[k] is not None else h.expand(self.copies, *h.shape)
+        return self.flat(h)
+
+    @property
+    def h(self) -> list[Tensor]:
+        """The absolute states h_0..h_L, flat (copies·batch, ...) (a diagnostic, computed on demand)."""
+        return [self.absolute(k) for k in range(self.net.depth + 1)]
+
+    def shape_c(self, k: int) -> torch.Size:
+        """Shape of layer k's linear part c_k for the flat nudged batch."""
+        layer, x = self.net.layers[k - 1], self.state_shape(k - 1)
+        if layer.kind == "dense":
+            return torch.Size((x[0], layer.weight.shape[0]))
+        return torch.Size((x[0], layer.weight.shape[0], *x[-2:]))
+
+    # -- the relaxation -------------------------------------------------------------------------
     def set_state(self, k: int, value: Tensor) -> None:
-        self.h[k] = value
-        self.moved.add(k)
-        self.stale.update(self.net.readers(k))
-        self.note_kinks(k, value)
-
-    def note_kinks(self, k: int, value: Tensor, indices: Tensor | None = None) -> None:
-        if k < self.net.depth and self.crossed[k] is not None:
-            self.crossed[k] |= (value > 0) != (self.free.a[k] > 0)
-            if indices is not None:
-                self.crossed[k] |= indices != self.free.indices[k]
-
-    def error_may_be_nonzero(self, k: int) -> bool:
-        return k in self.moved or any(p in self.moved for p in self.net.sources(k))
+        self.delta[k] = value
+        if self.crossed is not None and k < self.net.depth:
+            self.crossed[k] |= (value > self.kink_terms(k)[1]) != (self.free.a[k] > 0)
 
     def refresh(self, k: int) -> None:
-        """Recompute c_k, a_k from the perturbation of layer k's inputs (if they changed)."""
-        if k not in self.stale:
-            return
-        layer = self.net.layers[k - 1]
-        x, skip = self.net.layer_inputs(self.h, k)
-        x0, skip0 = self.net.layer_inputs(self.free.h, k)
-        dc = layer.linear(x - x0, None if skip is None else skip - skip0)
-        self.c[k] = self.free.c[k] + dc
-        self.a[k], self.indices[k] = layer.pool_bias(self.c[k])
-        self.stale.discard(k)
-        self.note_kinks(k, self.a[k], self.indices[k])
+        """δa_k from the perturbations of layer k's inputs: one linear map (and one pool)."""
+        layer, s = self.net.layers[k - 1], self.net.sources(k)
+        inputs = [None if self.delta[j] is None else self.flat(self.delta[j]) for j in s]
+        if inputs[0] is None:  # only the skip input moved
+            inputs[0] = self.flat(torch.zeros_like(self.free_h(s[0])).expand(
+                self.copies, *self.free_h(s[0]).shape))
+        dc = self.split(layer.linear(*inputs).to(self.free.a[k].dtype))
+        if self.free.d[k] is None:
+            self.delta_a[k] = dc
+        else:
+            dc += self.free.d[k]  # in place: the nudged c is not kept after pooling
+            da, self.indices[k] = F.max_pool2d(self.flat(dc), 2, 2, return_indices=True)
+            self.delta_a[k] = self.split(da)
+        if self.crossed is not None and k < self.net.depth:
+            q, lo = self.kink_terms(k)
+            self.crossed[k] |= ((self.delta_a[k] + q) > lo) != (self.free.a[k] > 0)
+            if self.indices[k] is not None:
+                self.crossed[k] |= self.split(self.indices[k] != self.free_indices(k))
 
-    def error_signal(self, k: int) -> tuple[Tensor, Tensor]:
-        """g_k = −∂(½‖ε_k‖²)/∂a_k = ε_k ⊙ f'(a_k), and the same w.r.t. the linear part c_k."""
-        self.refresh(k)
-        layer = self.net.layers[k - 1]
-        grad_a = layer.activation_vjp(self.h[k] - layer.activation(self.a[k]), self.a[k])
-        return grad_a, layer.unpool(grad_a, self.indices[k], self.c[k])
+    def free_indices(self, k: int, copies: int | None = None) -> Tensor:
+        """The free pool routing of layer k (stored, or the argmax of its window offsets), flat
+        over ``copies`` (default: all)."""
+        if self.free.indices[k] is None:
+            indices = F.max_pool2d(self.free.d[k], 2, 2, return_indices=True)[1]
+        else:
+            indices = self.net.layers[k - 1].expand_routes(self.free.indices[k],
+                                                           self.shape_c(k)[-1])
+        return indices.repeat(copies or self.copies, *([1] * (indices.dim() - 1)))
 
-    def topdown(self, k: int, vjp_memo: dict[int, tuple]) -> Tensor | None:
-        """Δ_k, summed over the layers that read h_k; ``None`` when every such error is zero."""
-        total = None
-        for j in self.net.readers(k):
-            if not self.error_may_be_nonzero(j):
-                continue
-            if j not in vjp_memo:
-                layer = self.net.layers[j - 1]
-                x, skip = self.net.layer_inputs(self.h, j)
-                grad_c = self.error_signal(j)[1]
-                vjp_memo[j] = layer.input_vjp(grad_c, x.shape, None if skip is None else skip.shape)
-            grad_x, grad_skip = vjp_memo[j]
-            part = grad_x if k == j - 1 else grad_skip
-            total = part if total is None else total + part
-        return total
+    def error(self, k: int) -> tuple[Tensor, Tensor]:
+        """(ε_k, ε_k ⊙ f_k'(a_k)), shape (copies, batch, ...): ε_k = δh_k − (f(a_k) − f(a*_k))."""
+        relu, da, dh = self.net.layers[k - 1].relu, self.delta_a[k], self.delta[k]
+        if da is None:  # the inputs have not moved: a_k = a*_k
+            return dh, (dh.masked_fill(self.free.a[k] <= 0, 0.0) if relu else dh)
+        if not relu:
+            eps = -da if dh is None else dh - da
+            return eps, eps
+        q, lo = self.kink_terms(k)
+        r = da + q
+        moved = torch.maximum(r, lo)
+        eps = -moved if dh is None else dh - moved
+        return eps, eps.masked_fill(r <= lo, 0.0)
+
+    def down(self, j: int) -> tuple[Tensor, Tensor | None]:
+        """Layer j's error sent to its inputs: (∂c_j/∂inputs)^T unpool(ε_j ⊙ f'(a_j))."""
+        layer = self.net.layers[j - 1]
+        grad_a = self.flat(self.error(j)[1])
+        if layer.pool and self.indices[j] is None:  # not refreshed yet: the free routing
+            self.indices[j] = self.free_indices(j)
+        grad_c = layer.unpool(grad_a, self.indices[j], self.shape_c(j))
+        shapes = [self.state_shape(s) for s in self.net.sources(j)] + [None]
+        return layer.input_vjp(grad_c, shapes[0], shapes[1])
 
 
 def nudged_phase(
@@ -166,60 +269,69 @@ def nudged_phase(
     count_kinks: bool = False,
     interrupt: Callable[[], bool] | None = None,
 ) -> NudgedState:
-    """Relax from the free state under per-example nudging strengths ``betas`` (shape [batch]).
+    """Relax from the free state under per-example nudging strengths ``betas``.
 
-    ``interrupt`` is asked once per iteration (a plain Python call, no device sync); when it returns
-    True the relaxation stops with ``Interrupted``, so a preemption signal never waits for K
-    iterations to finish."""
+    ``betas`` has ``copies × batch`` entries (copy c of example i at c·batch + i); the free state and
+    ``y`` are not repeated. ``interrupt`` is asked once per iteration (a plain Python call, no device
+    sync); when it returns True the relaxation stops with ``Interrupted``, so a preemption signal
+    never waits for K iterations. Inside ``torch.compile`` it is not asked (the compiled step is
+    one graph); the caller checks its flag between steps."""
     if perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {list(PERTURBATIONS)}")
-    L, alpha = network.depth, dynamics.alpha
-    state = _Relaxation(network, free, count_kinks)
-    beta = betas.view(-1, *([1] * (free.h[L].dim() - 1))).to(free.h[L].dtype)
+    L, alpha, batch = network.depth, dynamics.alpha, free.x.shape[0]
+    copies = betas.numel() // batch
+    state = NudgedState(network, free, copies, count_kinks)
+    out = free.a[L]
+    beta = betas.view(copies, batch, *([1] * (out.dim() - 1))).to(out.dtype)
+    neg_beta = -beta
+    target = one_hot(y, out.shape[-1], out.dtype)
     if perturbation == "clamp":
-        target = F.one_hot(y, free.h[L].shape[1]).to(free.h[L].dtype)
-        state.set_state(L, (1 - beta) * free.h[L] + beta * target)
-    history = [energy(network, state.h, y, cost)] if trace else []
+        state.set_state(L, beta * (target - out))
+    y_all = y.repeat(copies)
+    history = [energy(network, state.h, y_all, cost)] if trace else []
+    plan, error_layers, final_refresh = schedule(
+        tuple(tuple(network.sources(k)) for k in range(1, L + 1)), dynamics.K, dynamics.order,
+        perturbation == "clamp")
+    mod = dynamics.rule == "mod-pgd"
 
-    def needs_update(k: int) -> bool:
+    def updated(k: int, sent: dict[int, tuple]) -> Tensor:
+        layer, da, h = network.layers[k - 1], state.delta_a[k], state.delta[k]
         if k == L:
-            return perturbation == "nudge"
-        return state.error_may_be_nonzero(k) or any(
-            state.error_may_be_nonzero(j) for j in network.readers(k)
-        )
-
-    def updated(k: int, vjp_memo: dict) -> Tensor:
-        state.refresh(k)
-        layer, a, h = network.layers[k - 1], state.a[k], state.h[k]
-        if k == L:
-            target = a - beta * cost.grad(h, y)
-        else:
-            target = a if dynamics.rule == "mod-pgd" else torch.relu(a)
-            delta = state.topdown(k, vjp_memo)
-            if delta is not None:
-                target = target + delta
+            u = neg_beta * cost.grad(out if h is None else out + h, target)
+            u = u if da is None else da + u
+            return u if alpha == 1.0 or h is None else (1 - alpha) * h + alpha * u
+        u = da if mod or da is None else state.relu_delta(k, da)
+        for j in network.readers(k):
+            if j in sent:
+                part = state.split(sent[j][0] if k == j - 1 else sent[j][1])
+                u = part if u is None else u + part
         if alpha != 1.0:
-            target = (1 - alpha) * h + alpha * target
-        return layer.activation(target)
+            u = alpha * u if h is None else (1 - alpha) * h + alpha * u
+        if not layer.relu:
+            return u
+        q, lo = state.kink_terms(k)
+        return torch.maximum(u if not mod else u + q if alpha == 1.0 else u + alpha * q, lo)
 
-    layers = range(1, L + 1)
-    groups = [[k for k in layers if k % 2 == 0], [k for k in layers if k % 2 == 1]]
-    if dynamics.order == "sync":
-        groups = [list(layers)]
-    for _ in range(dynamics.K):
-        if interrupt is not None and interrupt():
+    def group(refresh: list[int], down: list[int], updates: list[int]) -> dict[int, Tensor]:
+        """New perturbations of ``updates``, all from the state at the start of the group."""
+        for k in refresh:
+            state.refresh(k)
+        sent = {j: state.down(j) for j in down}  # freed on return
+        return {k: updated(k, sent) for k in updates}
+
+    prefix, steady, repeats = plan
+    for groups in itertools.chain(prefix, itertools.repeat(steady, repeats)):
+        if interrupt is not None and not torch.compiler.is_compiling() and interrupt():
             raise Interrupted("the nudged phase was interrupted by a stop request")
-        for group in groups:
-            vjp_memo: dict[int, tuple] = {}
-            new = {k: updated(k, vjp_memo) for k in group if needs_update(k)}
-            for k, value in new.items():
+        for refresh, down, updates in groups:
+            for k, value in group(refresh, down, updates).items():
                 state.set_state(k, value)
         if trace:
-            history.append(energy(network, state.h, y, cost))
+            history.append(energy(network, state.h, y_all, cost))
 
-    error_layers = [k for k in layers if state.error_may_be_nonzero(k)]
-    for k in error_layers:
+    for k in final_refresh:
         state.refresh(k)
-    kinks = [int(m.sum()) for m in state.crossed[1:]] if count_kinks else None
-    return NudgedState(state.h, state.c, state.a, state.indices, error_layers, history, kinks)
-
+    state.error_layers, state.trace = error_layers, history
+    if count_kinks:
+        state.kinks = [int(m.sum()) for m in state.crossed[1:]]
+    return state

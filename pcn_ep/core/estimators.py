@@ -16,6 +16,7 @@ spec Eq. 11, so no free-phase term is needed):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,11 +41,19 @@ class DivergenceError(FloatingPointError):
 
 @dataclass
 class Estimate:
-    """What one training step needs: the surrogate to backpropagate, and what to log."""
+    """What one training step needs: the surrogate to backpropagate, and what to log.
+
+    ``finite`` is a 0-dim bool tensor on the device, computed without a host sync: True iff the
+    free loss, every nudged state, the nudged energies and every EP gradient estimate are finite (an
+    energy or gradient that overflows counts as non-finite). For backprop it covers the loss only:
+    its gradient exists after ``backward``. ``stats`` are tensors (no sync): see
+    ``EquilibriumPropagation.statistics``.
+    """
 
     surrogate: Tensor
     logits: Tensor  # free-phase output h_L* (the prediction)
     loss: Tensor  # mean cost at the free state
+    finite: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
     trace: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     betas: Tensor | None = None
@@ -52,18 +61,34 @@ class Estimate:
 
 
 class Backprop:
-    """Plain backprop of the mean cost through the same network (the paper's baseline)."""
+    """Plain backprop of the mean cost through the same network (the paper's baseline).
 
-    def __init__(self, cost: str = "ce") -> None:
+    ``check_finite``: raise ``DivergenceError`` on a non-finite loss (one sync); with False the
+    caller reads ``Estimate.finite``."""
+
+    def __init__(self, cost: str = "ce", check_finite: bool = True) -> None:
         self.cost: Cost = get_cost(cost)
+        self.check_finite = check_finite
 
     def predict(self, network: PCN, x: Tensor) -> Tensor:
         return network(x)
 
     def __call__(self, network: PCN, x: Tensor, y: Tensor) -> Estimate:
+        return self.checked(self.estimate, network, x, y)
+
+    def checked(self, estimate_fn: Callable[..., Estimate], network: PCN, x: Tensor, y: Tensor
+                ) -> Estimate:
+        estimate = estimate_fn(network, x, y)
+        if self.check_finite and not bool(estimate.finite):
+            raise DivergenceError(f"non-finite loss {estimate.loss.item()} at the free state "
+                                  "(backprop)")
+        return estimate
+
+    def estimate(self, network: PCN, x: Tensor, y: Tensor) -> Estimate:
+        """The estimate with no host sync (compilable with ``fullgraph=True``)."""
         logits = network(x)
         loss = self.cost.value(logits, y).mean()
-        return Estimate(surrogate=loss, logits=logits.detach(), loss=loss.detach())
+        return Estimate(loss, logits.detach(), loss.detach(), torch.isfinite(loss.detach()))
 
 
 class EquilibriumPropagation:
@@ -76,11 +101,17 @@ class EquilibriumPropagation:
         beta: the nudging strength |β| > 0; the scheme chooses the signs.
         dynamics: K, rule, order and α of the nudged phase.
         trace: record per-iteration energies (spec Fig. 8); costs a full forward per iteration.
-        generator: RNG for the random scheme's signs (default: torch's global RNG).
+        generator: RNG for the random scheme's signs (default: torch's global RNG). The signs are
+            drawn on the data's device, so the generator must live there (a CUDA generator for CUDA
+            data): no host round trip.
         count_kinks: count the units that cross a ReLU/max-pool kink during the relaxation
-            (``Estimate.kinks``; a diagnostic for gradcheck, not for training).
+            (``Estimate.kinks``; a diagnostic for gradcheck that syncs, not for training).
         interrupt: asked once per nudge iteration; True stops the phase with ``Interrupted``
-            (the training module points it at its preemption flag).
+            (the training module points it at its preemption flag). Not asked inside a compiled step.
+        check_finite: True: one host sync per call, and ``DivergenceError`` naming the phase and
+            the layer when ``Estimate.finite`` is False. False: no sync at all; the caller reads
+            ``Estimate.finite`` when it likes and, if False, gets the message from ``diagnose``
+            (the same batch and signs) or by calling again with True on the same batch.
     """
 
     def __init__(
@@ -94,6 +125,7 @@ class EquilibriumPropagation:
         generator: torch.Generator | None = None,
         count_kinks: bool = False,
         interrupt: Callable[[], bool] | None = None,
+        check_finite: bool = True,
     ) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
@@ -109,96 +141,160 @@ class EquilibriumPropagation:
         self.cost, self.perturbation, self.scheme, self.beta = get_cost(cost), perturbation, scheme, beta
         self.dynamics = dynamics or Dynamics()
         self.trace, self.generator, self.count_kinks = trace, generator, count_kinks
-        self.interrupt = interrupt
+        self.interrupt, self.check_finite = interrupt, check_finite
 
     def predict(self, network: PCN, x: Tensor) -> Tensor:
         """The prediction is the free state's output: a forward pass (spec §1.2)."""
         return network(x)
 
-    def signed_betas(self, batch: int, device: torch.device) -> tuple[Tensor, int]:
-        """Per-example β_i for the stacked nudged batch, and the number of copies of the batch."""
+    def signed_betas(self, batch: int, device: torch.device) -> Tensor:
+        """Per-example β_i for the stacked nudged batch (copy c of example i at c·batch + i)."""
         ones = torch.ones(batch, device=device, dtype=torch.float64)
         if self.scheme == "forward":
-            return self.beta * ones, 1
+            return self.beta * ones
         if self.scheme == "backward":
-            return -self.beta * ones, 1
+            return -self.beta * ones
         if self.scheme == "random":
-            signs = torch.randint(0, 2, (batch,), generator=self.generator, device="cpu")
-            return self.beta * (2 * signs.to(device, torch.float64) - 1), 1
-        return torch.cat([self.beta * ones, -self.beta * ones]), 2
+            signs = torch.randint(0, 2, (batch,), generator=self.generator, device=device)
+            return self.beta * (2 * signs.to(torch.float64) - 1)
+        return torch.cat([self.beta * ones, -self.beta * ones])
 
     def __call__(self, network: PCN, x: Tensor, y: Tensor) -> Estimate:
+        return self.checked(self.estimate, network, x, y)
+
+    def checked(self, estimate_fn: Callable[..., Estimate], network: PCN, x: Tensor, y: Tensor
+                ) -> Estimate:
+        """Draw the signs (outside any compiled region: a generator cannot be traced), estimate,
+        and with ``check_finite`` raise on divergence."""
+        estimate = estimate_fn(network, x, y, self.signed_betas(x.shape[0], x.device))
+        if self.check_finite and not bool(estimate.finite):
+            raise DivergenceError(self.diagnose(network, x, y, estimate))
+        return estimate
+
+    def diagnose(self, network: PCN, x: Tensor, y: Tensor, estimate: Estimate) -> str:
+        """The message for an estimate whose ``finite`` is False: reruns it eagerly with its own
+        signs (``estimate.betas``) and names the first non-finite loss, gradient or state."""
+        record: dict = {}
+        self.estimate(network, x, y, estimate.betas, record)
+        return self._where(network, estimate, record)
+
+    def estimate(self, network: PCN, x: Tensor, y: Tensor, betas: Tensor,
+                 record: dict | None = None) -> Estimate:
+        """The estimate for given signs: straight-line tensor code, no host sync (compilable with
+        ``fullgraph=True``). ``record`` (diagnosis only) receives the gradients and per-layer state
+        finiteness."""
+        batch = x.shape[0]
+        copies = betas.numel() // batch
         with torch.no_grad():
             free = network.free_phase(x)
-            logits = free.h[-1]
-            betas, copies = self.signed_betas(x.shape[0], x.device)
-            nudged = nudged_phase(
-                network, free.repeat(copies), y.repeat(copies), betas, self.cost, self.dynamics,
-                self.perturbation, self.trace, self.count_kinks, self.interrupt,
-            )
-            # (1/β_i) / copies / batch: the mean over examples of the per-example estimates.
-            weights = 1.0 / (betas * copies * x.shape[0])
-            errors = {k: nudged.h[k] - network.layers[k - 1].activation(nudged.a[k])
-                      for k in nudged.error_layers}  # ε_k, zero for every other layer
-            grads = self.parameter_gradients(network, nudged, errors, weights.to(logits.dtype))
-            stats = self.nudged_stats(nudged, errors, y.repeat(copies), betas)
-        surrogate = sum((g * p).sum() for g, p in zip(grads, network.parameters()))
+            logits = free.a[-1]
+            nudged = nudged_phase(network, free, y, betas, self.cost, self.dynamics,
+                                  self.perturbation, self.trace, self.count_kinks, self.interrupt)
+            c = self.cost.value(nudged.absolute(network.depth), y.repeat(copies))
+            # −(1/β_i) / copies / batch: the mean over examples, and ∂F/∂θ's sign, in one factor.
+            weights = (-1.0 / (betas * copies * batch)).to(logits.dtype).view(copies, batch)
+            grads, e = self.parameter_gradients(network, nudged, weights, record)
+            stats = self.statistics(e, c.view(copies, batch), betas.view(copies, batch))
+        with torch.autocast(x.device.type, enabled=False):
+            surrogate = sum(torch.dot(g.flatten().to(p.dtype), p.flatten())
+                            for g, p in zip(grads, network.parameters()))
         loss = self.cost.value(logits, y).mean()
-        return Estimate(surrogate, logits, loss, stats, nudged.trace, betas, nudged.kinks)
+        stats["C_free"] = loss
+        finite = torch.isfinite(loss + surrogate.detach() + e.sum() + c.sum())
+        return Estimate(surrogate, logits, loss, finite, stats, nudged.trace, betas, nudged.kinks)
 
     def parameter_gradients(
-        self, network: PCN, nudged: NudgedState, errors: dict[int, Tensor], weights: Tensor
-    ) -> list[Tensor]:
-        """Σ_i w_i ∂F/∂θ at the nudged states, in ``network.parameters()`` order.
+        self, network: PCN, nudged: NudgedState, weights: Tensor, record: dict | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Σ_i w_i ∂F/∂θ at the nudged states, in ``network.parameters()`` order, and the
+        per-example prediction-error energy E = ½ Σ_k ‖ε_k‖² (shape (copies, batch)).
 
         ∂F/∂θ_k = −(∂a_k/∂θ_k)^T (ε_k ⊙ f_k'(a_k)) (spec §1.3): local, and zero for a layer whose
-        error never became non-zero. Both phases of the centered scheme share one call per layer.
+        error never became non-zero. All copies share one call per layer; a layer whose inputs
+        never moved (layer 1) sums its copies first, since they share input and pool routing.
+        Goes from the top down and drops each layer's tensors once used (the step's memory peak).
         """
-        grads: list[Tensor] = []
-        for k, layer in enumerate(network.layers, start=1):
-            if k not in nudged.error_layers:
-                grads.extend(torch.zeros_like(p) for p in layer.parameters())
-                continue
-            grad_a = layer.activation_vjp(errors[k], nudged.a[k])
-            grad_a = grad_a * weights.view(-1, *([1] * (grad_a.dim() - 1)))
-            grad_c = layer.unpool(grad_a, nudged.indices[k], nudged.c[k])
-            x, skip = network.layer_inputs(nudged.h, k)
-            grads.extend(-g for g in layer.param_grads(x, skip, grad_a, grad_c))
-        self.check_finite(network, nudged, grads)
-        return grads
+        per_layer: dict[int, list[Tensor]] = {}
+        e = torch.zeros_like(weights)
+        shape = [*weights.shape]
+        for k in sorted(nudged.error_layers, reverse=True):
+            layer = network.layers[k - 1]
+            grad_a, e_k = self._error(nudged, k)
+            e = e + e_k
+            grad_a = grad_a * weights.view(*shape, *([1] * (grad_a.dim() - 2)))
+            if nudged.delta_a[k] is None:  # fixed inputs and routing: sum the copies first
+                grad_a = grad_a.sum(0)
+                inputs = [nudged.free_h(s) for s in network.sources(k)] + [None]
+                indices = nudged.free_indices(k, 1) if layer.pool else None
+                shape_c = torch.Size((grad_a.shape[0], *nudged.shape_c(k)[1:]))
+            else:
+                grad_a = nudged.flat(grad_a)
+                inputs = [nudged.absolute(s) for s in network.sources(k)] + [None]
+                indices, shape_c = nudged.indices[k], nudged.shape_c(k)
+            grad_c = layer.unpool(grad_a, indices, shape_c)
+            per_layer[k] = layer.param_grads(inputs[0], inputs[1], grad_a, grad_c)
+            if record is not None and nudged.delta[k] is not None:
+                record.setdefault("states", {})[k] = bool(torch.isfinite(nudged.delta[k]).all())
+            # Every reader of h_k (above k) is done: drop what only layers ≥ k read.
+            nudged.delta[k] = nudged.delta_a[k] = nudged.indices[k] = None
+            if k < network.depth:
+                nudged.free.a[k] = nudged.free.d[k] = nudged.free.indices[k] = None
+        grads = [g for k, layer in enumerate(network.layers, start=1)
+                 for g in (per_layer[k] if k in per_layer
+                           else [torch.zeros_like(p) for p in layer.parameters()])]
+        if record is not None:
+            record["grads"] = grads
+        return grads, e
 
-    def check_finite(self, network: PCN, nudged: NudgedState, grads: list[Tensor]) -> None:
-        """Raise ``DivergenceError`` naming the first layer with a non-finite gradient (one sync)."""
-        if all_finite(grads):
-            return
-        names = [name for name, _ in network.named_parameters()]
-        bad = next(n for n, g in zip(names, grads) if not torch.isfinite(g).all())
-        layer = int(bad.split(".")[1]) + 1
-        raise DivergenceError(self._where(nudged, layer, f"gradient ({bad})"))
+    @staticmethod
+    def _error(nudged: NudgedState, k: int) -> tuple[Tensor, Tensor]:
+        """(ε_k ⊙ f'(a_k), ½‖ε_k‖² per example); ε_k itself is freed on return."""
+        eps, grad_a = nudged.error(k)
+        return grad_a, 0.5 * eps.flatten(2).pow(2).sum(-1)
 
-    def _where(self, nudged: NudgedState, k: int, what: str) -> str:
+    def statistics(self, e: Tensor, c: Tensor, betas: Tensor) -> dict[str, Tensor]:
+        """Per sign of β (mean over the examples nudged with that sign): ``E+``/``E-`` the
+        prediction-error energy ½Σ‖ε_k‖², ``C+``/``C-`` the cost at the nudged output, and
+        ``energy+``/``energy-`` F = E + βC; ``E_max`` the largest per-example E. ``C_free`` (the mean
+        free cost, added by the caller) bounds a healthy nudge: E stays far below |β|·C_free.
+        A sign the scheme never draws has no keys; a random-scheme sign absent from the batch is
+        NaN. All tensors, no sync."""
+        values = torch.stack([e + betas.to(e.dtype) * c, e, c]).flatten(1)  # F, E, C per example
+        masks = torch.stack([betas > 0, betas < 0], -1).flatten(0, 1).to(e.dtype)
+        means = (values @ masks) / masks.sum(0)  # (quantity, sign)
+        stats = {"E_max": e.max()}
+        for i, sign in enumerate("+-"):
+            if sign in {"forward": "+", "backward": "-"}.get(self.scheme, "+-"):
+                stats.update({f"{name}{sign}": means[j, i] for j, name in enumerate(("energy", "E", "C"))})
+        return stats
+
+    def _where(self, network: PCN, estimate: Estimate, record: dict) -> str:
+        """Names the first non-finite quantity (the slow path, after ``finite`` was False)."""
         phase = {"forward": "+beta", "backward": "-beta", "random": "random-sign beta",
                  "centered": "+beta/-beta"}[self.scheme]
-        bad = [j for j in range(1, len(nudged.h)) if not torch.isfinite(nudged.h[j]).all()]
+        bad = sorted(k for k, ok in record.get("states", {}).items() if not ok)
         detail = f"; non-finite states in layers {bad}" if bad else ""
-        return (f"non-finite {what} in layer {k} after the {phase} nudged phase "
+        names = [name for name, _ in network.named_parameters()]
+        grad = next((n for n, g in zip(names, record["grads"]) if not torch.isfinite(g).all()), None)
+        if not torch.isfinite(estimate.loss):
+            return f"non-finite loss {estimate.loss.item()} at the free state"
+        if grad is not None:
+            what, layer = f"gradient ({grad})", int(grad.split(".")[1]) + 1
+        elif bad:
+            what, layer = "state", bad[0]
+        else:
+            what, layer = "nudged energy (overflow)", network.depth
+        return (f"non-finite {what} in layer {layer} after the {phase} nudged phase "
                 f"(K={self.dynamics.K}, rule={self.dynamics.rule}, order={self.dynamics.order}, "
                 f"alpha={self.dynamics.alpha}, beta={self.beta}){detail}")
 
-    def nudged_stats(
-        self, nudged: NudgedState, errors: dict[int, Tensor], y: Tensor, betas: Tensor
-    ) -> dict[str, Tensor]:
-        """Mean E, C and F = E + βC at the nudged state(s), per sign of β (for logging)."""
-        eps_sq = torch.zeros_like(betas, dtype=nudged.h[-1].dtype)
-        for eps in errors.values():
-            eps_sq = eps_sq + eps.flatten(1).pow(2).sum(1)
-        e = 0.5 * eps_sq
-        c = self.cost.value(nudged.h[-1], y)
-        stats = {}
-        for sign, mask in (("+", betas > 0), ("-", betas < 0)):
-            if mask.any():
-                f = e[mask] + betas[mask].to(e.dtype) * c[mask]
-                stats[f"energy{sign}"] = f.mean()
-                stats[f"E{sign}"] = e[mask].mean()
-                stats[f"C{sign}"] = c[mask].mean()
-        return stats
+
+def compile_estimator(estimator: EquilibriumPropagation | Backprop, **options
+                      ) -> Callable[[PCN, Tensor, Tensor], Estimate]:
+    """``torch.compile`` an estimator call whole (``fullgraph=True``; ``options`` such as
+    ``mode="reduce-overhead"`` for CUDA graphs pass through). EP's random signs are drawn just
+    before the compiled region, from the estimator's generator on the data's device (a generator
+    cannot be traced); the ``interrupt`` callback is not asked inside it. With ``check_finite`` the
+    check (one sync) runs after the compiled step; with False the call never syncs."""
+    return functools.partial(estimator.checked, torch.compile(estimator.estimate, fullgraph=True,
+                                                              **options))

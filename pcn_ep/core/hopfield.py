@@ -79,4 +79,5 @@ class HopfieldEP:
             }
             loss = 0.5 * (o0 - t).pow(2).mean()
         surrogate = sum((grads[name] * p).sum() for name, p in net.named_parameters())
-        return Estimate(surrogate, torch.cat([-o0, o0], 1), loss)
+        finite = torch.isfinite(loss + surrogate.detach())
+        return Estimate(surrogate, torch.cat([-o0, o0], 1), loss, finite)

@@ -97,34 +97,71 @@ class PCNLayer(nn.Module):
         if self.kind == "dense":
             return F.linear(x.flatten(1), self.weight)
         c = F.conv2d(x, self.weight, padding=1)
-        if self.skip_weight is not None:
+        if skip is not None:  # None: the skip input contributes nothing (a perturbation not yet there)
             c = c + F.conv2d(skip, self.skip_weight, stride=self.skip_stride)
         return c
 
     def pool_bias(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         """a = maxpool(c) + b; also returns the argmax indices the transposed map routes through."""
-        bias = self.bias.view(-1, 1, 1) if self.kind == "conv" else self.bias
-        if not self.pool:
-            return c + bias, None
-        pooled, indices = F.max_pool2d(c, 2, 2, return_indices=True)
-        return pooled + bias, indices
+        pooled, indices = self.pool_max(c)
+        return self.add_bias(pooled), indices
+
+    def pool_max(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(maxpool(c), argmax indices), or (c, None) without a pool."""
+        return F.max_pool2d(c, 2, 2, return_indices=True) if self.pool else (c, None)
+
+    def add_bias(self, c: Tensor) -> Tensor:
+        return c + (self.bias.view(-1, 1, 1) if self.kind == "conv" else self.bias)
+
+    @staticmethod
+    def compact_routes(indices: Tensor, width: int) -> Tensor:
+        """Max-pool argmax indices (int64, flat over a row of ``width``) → the position inside each
+        2×2 window, 0..3 (uint8): an eighth of the memory, for a routing kept through a step."""
+        h, w = indices.shape[-2:]
+        offset = indices - _window_corners(h, w, width, indices.device)
+        return (offset // width * 2 + offset % width).to(torch.uint8)
+
+    @staticmethod
+    def expand_routes(routes: Tensor, width: int) -> Tensor:
+        """The inverse of ``compact_routes``: int64 indices for the pooling backward kernel."""
+        h, w = routes.shape[-2:]
+        r = routes.long()
+        return _window_corners(h, w, width, routes.device) + (r >> 1) * width + (r & 1)
+
+    @staticmethod
+    def window_offsets(c: Tensor, pooled: Tensor) -> Tensor:
+        """c minus its 2×2 window maximum, in place (c is consumed): ≤ 0, exactly 0 at the argmax.
+
+        maxpool(d + δc) = maxpool(c + δc) − maxpool(c) exactly where the argmax does not move, so
+        the nudged phase gets δa without subtracting two large numbers. Rows and columns that no
+        window covers (odd sides) are left as they are: no pool reads them."""
+        h, w = pooled.shape[-2:]
+        windows = c[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))
+        windows -= pooled[..., :, None, :, None]
+        return c
 
     def activation(self, a: Tensor) -> Tensor:
         return torch.relu(a) if self.relu else a
 
     def activation_vjp(self, grad: Tensor, a: Tensor) -> Tensor:
         """f'(a) ⊙ grad: the gradient w.r.t. a of a quantity whose gradient w.r.t. f(a) is grad."""
-        return grad * (a > 0).to(grad.dtype) if self.relu else grad
+        return grad.masked_fill(a <= 0, 0.0) if self.relu else grad
 
-    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
-        return self.activation(self.pool_bias(self.linear(x, skip))[0])
+    def forward(self, x: Tensor, skip: Tensor | None = None, dtype: torch.dtype | None = None
+                ) -> Tensor:
+        """f(x, skip); ``dtype`` casts the linear part (bf16 under autocast) back to the states'."""
+        c = self.linear(x, skip)
+        return self.activation(self.pool_bias(c if dtype is None else c.to(dtype))[0])
 
     # -- transposed maps ------------------------------------------------------------------------
-    def unpool(self, grad_a: Tensor, indices: Tensor | None, c: Tensor) -> Tensor:
-        """Gradient w.r.t. a → gradient w.r.t. c: max-pool routes it to the argmax. (The pooling
-        backward kernel itself: unlike ``max_unpool2d`` it is allowed in deterministic mode.)"""
+    def unpool(self, grad_a: Tensor, indices: Tensor | None, c: Tensor | torch.Size) -> Tensor:
+        """Gradient w.r.t. a → gradient w.r.t. c (given as c or its shape): max-pool routes it to the
+        argmax. (The pooling backward kernel itself, which is allowed in deterministic mode unlike
+        ``max_unpool2d``; it reads only the shape of c, so a shape is passed as a broadcast zero.)"""
         if not self.pool:
             return grad_a
+        if not isinstance(c, Tensor):
+            c = grad_a.new_empty(()).expand(c)
         return torch.ops.aten.max_pool2d_with_indices_backward(
             grad_a, c, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
         )
@@ -159,6 +196,12 @@ class PCNLayer(nn.Module):
             grads.append(conv2d_weight(sc, self.skip_weight.shape, gc, stride=self.skip_stride)
                          .to(grad_c.dtype))
         return grads
+
+
+def _window_corners(h: int, w: int, width: int, device: torch.device) -> Tensor:
+    """Flat index of each 2×2 window's top-left element in a row of ``width``, shape (h, w)."""
+    rows = torch.arange(h, device=device) * (2 * width)
+    return rows[:, None] + torch.arange(w, device=device) * 2
 
 
 def _compute(*tensors: Tensor) -> tuple[Tensor, ...]:

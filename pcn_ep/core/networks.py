@@ -20,25 +20,43 @@ from .layers import PCNLayer
 
 @dataclass
 class FreeState:
-    """The feedforward state h* and what the nudged phase reuses.
+    """The feedforward state h*, reduced to what the nudged phase reads (lists indexed by layer).
 
-    Lists are indexed by layer/state number; entry 0 of ``c``, ``a``, ``indices`` is ``None``.
+    - ``a``: pre-activations a*_k (entry 0 is ``None``); h*_k = f_k(a*_k) is recomputed, not stored.
+    - ``d``: for a pooled layer whose input can move, c*_k minus its 2×2 window maximum (≤ 0, and 0 at
+      the argmax). The nudged pool ``maxpool(d + W δh)`` then *is* δa_k: no rounding against c*_k,
+      and c*_k itself is not kept.
+    - ``indices``: the max-pool routing of a pooled layer whose inputs never move (layer 1 reads the
+      fixed x): it is fixed, so it is kept, compact (``PCNLayer.compact_routes``: the position in
+      each window, uint8), and its c*, d are not.
     """
 
-    h: list[Tensor]
-    c: list[Tensor | None]
+    x: Tensor
     a: list[Tensor | None]
+    d: list[Tensor | None]
     indices: list[Tensor | None]
+    relu: list[bool]
+
+    @property
+    def h(self) -> list[Tensor]:
+        """The states h*_0..h*_L (computed on demand)."""
+        return [self.x] + [self.h_of(k) for k in range(1, len(self.a))]
+
+    def h_of(self, k: int) -> Tensor:
+        """h*_k = f_k(a*_k) for k ≥ 1."""
+        return torch.relu(self.a[k]) if self.relu[k] else self.a[k]
 
     def repeat(self, copies: int) -> "FreeState":
-        """Stack ``copies`` copies along the batch (centered EP runs +β and −β as one batch)."""
+        """Stack ``copies`` copies along the batch (for a caller that passes one β per copy;
+        the estimators do not need it: the nudged phase broadcasts one free state over the signs)."""
         if copies == 1:
             return self
 
         def rep(ts):
             return [None if t is None else torch.cat([t] * copies) for t in ts]
 
-        return FreeState(rep(self.h), rep(self.c), rep(self.a), rep(self.indices))
+        return FreeState(torch.cat([self.x] * copies), rep(self.a), rep(self.d), rep(self.indices),
+                         self.relu)
 
 
 class PCN(nn.Module):
@@ -75,23 +93,40 @@ class PCN(nn.Module):
     def layer_inputs(self, h: list[Tensor], k: int) -> tuple[Tensor, Tensor | None]:
         return h[k - 1], (h[self.skips[k]] if k in self.skips else None)
 
+    def moves(self, k: int) -> bool:
+        """Whether layer k's input can move in the nudged phase (not when it reads x alone)."""
+        return any(s > 0 for s in self.sources(k))
+
     def free_phase(self, x: Tensor) -> FreeState:
-        """One forward pass (spec §1.2): the free equilibrium, global minimum of F at β = 0."""
-        state = FreeState([x], [None], [None], [None])
+        """One forward pass (spec §1.2): the free equilibrium, global minimum of F at β = 0.
+
+        Keeps a*_k for every layer, the window offsets d_k of pooled layers that can move and the
+        pool routing of those that cannot (see ``FreeState``); the states h* live only while used."""
+        h, state = [x], FreeState(x, [None], [None], [None], [False])
         for k, layer in enumerate(self.layers, start=1):
             # Under bf16 autocast the conv runs in bf16; c* is kept in the states' dtype, so the
-            # nudged phase's c* + W(h − h*) keeps perturbations far below bf16's resolution.
-            c = layer.linear(*self.layer_inputs(state.h, k)).to(x.dtype)
-            a, indices = layer.pool_bias(c)
-            state.c.append(c)
+            # nudged phase's perturbations stay far below bf16's resolution.
+            c = layer.linear(*self.layer_inputs(h, k)).to(x.dtype)
+            pooled, indices = layer.pool_max(c)
+            a, d = layer.add_bias(pooled), None
+            if indices is not None and self.moves(k):
+                d, indices = layer.window_offsets(c, pooled), None  # c becomes d in place
+            elif indices is not None:
+                indices = layer.compact_routes(indices, c.shape[-1])
             state.a.append(a)
+            state.d.append(d)
             state.indices.append(indices)
-            state.h.append(layer.activation(a))
+            state.relu.append(layer.relu)
+            h.append(layer.activation(a))
         return state
 
     def forward(self, x: Tensor) -> Tensor:
-        """The logits h_L of the feedforward pass (backprop and evaluation)."""
-        return self.free_phase(x).h[-1]
+        """The logits h_L of the feedforward pass (backprop and evaluation): the same maps as the
+        free phase, with no EP bookkeeping in the autograd graph."""
+        h = [x]
+        for k, layer in enumerate(self.layers, start=1):
+            h.append(layer(*self.layer_inputs(h, k), dtype=x.dtype))
+        return h[-1]
 
 
 def _width(channels: int, width_mult: float) -> int:

@@ -38,7 +38,7 @@ def gradient_fidelity(
         estimate = ep(network, x, y)
     except DivergenceError as err:
         return {**report, "diverged": True, "reason": str(err)}
-    energies = [v for k, v in estimate.stats.items() if k.startswith("E")]
+    energies = [estimate.stats[k] for k in ("E+", "E-") if k in estimate.stats]
     if any(e > bp.loss for e in energies):
         report["diverged"] = True
         report["reason"] = (f"nudged prediction-error energy {max(energies).item():.3g} exceeds the "

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..core import PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, Interrupted
+from ..core import (PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, Interrupted,
+                    compile_estimator)
 from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock
 
 
@@ -45,6 +46,8 @@ class PCNEPModule(L.LightningModule):
             above ``max_energy_ratio`` x β x the free-phase cost means the relaxation is running
             away (states growing, the EP gradient no longer tracking backprop): treated as
             divergence. ``null`` turns it off.
+        compile: ``torch.compile`` the estimator call whole (``fullgraph=True``: the nudged phase
+            has no graph break); the preemption check then happens between steps, not inside one.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class PCNEPModule(L.LightningModule):
         on_divergence: str = "stop",
         max_skipped: int = 10,
         max_energy_ratio: float | None = 100.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
@@ -101,8 +105,9 @@ class PCNEPModule(L.LightningModule):
                 cost, perturbation, scheme, beta, Dynamics(K, rule, order, alpha),
                 generator=self.signs, interrupt=STOP,
             )
-        if isinstance(getattr(self.estimator, "check_finite", None), bool):
-            self.estimator.check_finite = False  # the step reads one health flag instead (_healthy)
+        self.estimator.check_finite = False  # the step reads one health flag instead (_healthy)
+        self._estimate = compile_estimator(self.estimator) if compile else self.estimator
+        self._restored_signs: list | None = None
         classes = network.layers[-1].weight.shape[0]
         self.metrics = torch.nn.ModuleDict({
             f"{split}_top{k}": MulticlassAccuracy(classes, top_k=k, average="micro")
@@ -133,8 +138,6 @@ class PCNEPModule(L.LightningModule):
         shape = data.example_shape() if hasattr(data, "example_shape") else None
         if shape is not None:
             self._check_input_shape(tuple(shape))
-        if self.hparams.algorithm == "ep" and self.global_rank != 0:
-            self.signs.manual_seed(self.hparams.seed + self.global_rank)  # DDP: signs differ per rank
         if (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and getattr(self, "_flag_group", None) is None):
             self._flag_group = torch.distributed.new_group(backend="gloo")
@@ -154,6 +157,21 @@ class PCNEPModule(L.LightningModule):
                 f"{str(err).splitlines()[0]} (set model.network.init_args.in_channels / input_size "
                 "to match the data)") from None
 
+    def on_fit_start(self) -> None:
+        """The random scheme's signs are drawn on the device (no host sync), from a generator made
+        here, after the model reached its device: seeded by seed + rank (DDP: signs differ per
+        rank), or this rank's state from the checkpoint being resumed."""
+        self.signs = torch.Generator(device=self.device).manual_seed(self.hparams.seed + self.global_rank)
+        states = self._restored_signs or []
+        if self.global_rank < len(states):
+            try:
+                self.signs.set_state(states[self.global_rank])
+            except RuntimeError:  # saved on another device type: a fresh stream, said once
+                print("pcn_ep: warning: the checkpoint's sign generator is for another device; "
+                      "signs restart from model.seed", file=sys.stderr)
+        if self.hparams.algorithm == "ep":
+            self.estimator.generator = self.signs
+
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x)
 
@@ -168,7 +186,7 @@ class PCNEPModule(L.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         try:
-            estimate = self.estimator(self.network, x, y)
+            estimate = self._estimate(self.network, x, y)
         except Interrupted:  # a stop request: take no step; Preemption saves after this batch
             estimate = None
         except DivergenceError as err:
@@ -213,13 +231,13 @@ class PCNEPModule(L.LightningModule):
         """A 0-dim bool on the device: finite loss and gradients, and no slow blow-up (the nudged
         energy E stays below ``max_energy_ratio`` x beta x the free-phase cost)."""
         largest = torch._foreach_norm([p.grad for p in params if p.grad is not None], ord=float("inf"))
-        ok = torch.isfinite(estimate.loss) & torch.isfinite(torch.stack(largest)).all()
+        ok = estimate.finite & torch.isfinite(torch.stack(largest)).all()
         ratio = self.hparams.max_energy_ratio
         if self.hparams.algorithm == "ep" and ratio is not None:
-            bound = ratio * self.hparams.beta * estimate.loss.detach().abs() + 1e-6
+            bound = ratio * self.hparams.beta * estimate.stats["C_free"] + 1e-6
             for key in ("E+", "E-"):
-                if key in estimate.stats:
-                    ok = ok & (estimate.stats[key] <= bound)
+                if key in estimate.stats:  # NaN (a sign absent from a random batch) compares False
+                    ok = ok & ~(estimate.stats[key] > bound)
         return ok
 
     def _agree(self, interrupted: bool, healthy: Tensor | None) -> tuple[bool, bool]:
@@ -232,28 +250,18 @@ class PCNEPModule(L.LightningModule):
         return bool(flags[0]), not bool(flags[1])
 
     def _diagnose(self, x: Tensor, y: Tensor, estimate) -> str:
-        """Why the step failed, naming phase and layer: rerun the estimator with its own checks on
-        (only on this rare path, so the healthy path never syncs for them)."""
-        if estimate is not None and not torch.isfinite(estimate.loss):
-            return f"non-finite loss {estimate.loss.item()} at the free state"
-        toggle = isinstance(getattr(self.estimator, "check_finite", None), bool)
-        try:
-            if toggle:
-                self.estimator.check_finite = True
-            with torch.no_grad() if self.hparams.algorithm == "bp" else torch.enable_grad():
-                again = self.estimator(self.network, x, y)
-        except DivergenceError as err:
-            return str(err)
-        finally:
-            if toggle:
-                self.estimator.check_finite = False
+        """Why the step failed, naming phase and layer (only on this rare path, so the healthy
+        path never syncs for it)."""
         if self.hparams.algorithm == "bp":
-            return "non-finite backprop gradient"
-        e = max(float(again.stats.get(k, 0.0)) for k in ("E+", "E-"))
+            return ("non-finite loss at the free state" if not bool(torch.isfinite(estimate.loss))
+                    else "non-finite backprop gradient")
+        if not bool(estimate.finite):
+            return self.estimator.diagnose(self.network, x, y, estimate)
+        e = max(float(estimate.stats.get(k, 0.0)) for k in ("E+", "E-"))
         return (f"slow blow-up: the nudged energy E = {e:.3g} exceeds max_energy_ratio "
                 f"({self.hparams.max_energy_ratio}) x beta x the free cost "
-                f"({float(again.loss):.3g}) (state growing during the nudged phase; lower lr or "
-                "beta, or raise model.max_energy_ratio)")
+                f"({float(estimate.stats['C_free']):.3g}) (states growing during the nudged phase; "
+                "lower lr or beta, or raise model.max_energy_ratio)")
 
     def _log_step(self, estimate, y: Tensor, optimizer, now: float) -> None:
         error = (estimate.logits.argmax(1) != y).float().mean()
@@ -330,12 +338,10 @@ class PCNEPModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Each rank takes back its own sign generator (a rank the saved run did not have keeps
-        its fresh seed + rank)."""
+        its fresh seed + rank), in ``on_fit_start``."""
         states = checkpoint.get("sign_generators") or (
             [checkpoint["sign_generator"]] if "sign_generator" in checkpoint else [])
-        rank = self.global_rank if self._trainer is not None else 0
-        if rank < len(states):
-            self.signs.set_state(states[rank])
+        self._restored_signs = states  # applied in on_fit_start, once the generator is on the device
         self._check_resume(checkpoint.get("hyper_parameters", {}))
 
     def _check_resume(self, saved: dict) -> None:
