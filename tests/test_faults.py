@@ -125,6 +125,7 @@ def test_a_relaxation_that_runs_away_is_divergence(tmp_path, capsys):
     assert main(["fit", "--config", str(path)]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "epoch 0, step 0" in line and "slow blow-up" in line and "max_energy_ratio" in line
+    assert "in layer" in line and "nudged phase" in line  # where: the layer and the phase
 
 
 # -- 3, 4, 5: signals, on one process and under DDP ---------------------------------------------

@@ -235,6 +235,8 @@ class EquilibriumPropagation:
             per_layer[k] = layer.param_grads(inputs[0], inputs[1], grad_a, grad_c)
             if record is not None and nudged.delta[k] is not None:
                 record.setdefault("states", {})[k] = bool(torch.isfinite(nudged.delta[k]).all())
+                scale = nudged.free_h(k).abs().max().clamp_min(1e-12)
+                record.setdefault("growth", {})[k] = float(nudged.delta[k].abs().max() / scale)
             # Every reader of h_k (above k) is done: drop what only layers ≥ k read.
             nudged.delta[k] = nudged.delta_a[k] = nudged.indices[k] = None
             if k < network.depth:
@@ -282,8 +284,14 @@ class EquilibriumPropagation:
             what, layer = f"gradient ({grad})", int(grad.split(".")[1]) + 1
         elif bad:
             what, layer = "state", bad[0]
-        else:
-            what, layer = "nudged energy (overflow)", network.depth
+        else:  # all finite: states that grew (a slow blow-up) or an energy that overflowed
+            growth = record.get("growth", {})
+            layer = max(growth, key=growth.get) if growth else network.depth
+            what = (f"growth: the perturbation reached {growth[layer]:.3g}x the free state"
+                    if growth else "nudged energy (overflow)")
+            return (f"state {what} in layer {layer} after the {phase} nudged phase "
+                    f"(K={self.dynamics.K}, rule={self.dynamics.rule}, order={self.dynamics.order}, "
+                    f"alpha={self.dynamics.alpha}, beta={self.beta})")
         return (f"non-finite {what} in layer {layer} after the {phase} nudged phase "
                 f"(K={self.dynamics.K}, rule={self.dynamics.rule}, order={self.dynamics.order}, "
                 f"alpha={self.dynamics.alpha}, beta={self.beta}){detail}")

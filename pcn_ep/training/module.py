@@ -260,8 +260,9 @@ class PCNEPModule(L.LightningModule):
         e = max(float(estimate.stats.get(k, 0.0)) for k in ("E+", "E-"))
         return (f"slow blow-up: the nudged energy E = {e:.3g} exceeds max_energy_ratio "
                 f"({self.hparams.max_energy_ratio}) x beta x the free cost "
-                f"({float(estimate.stats['C_free']):.3g}) (states growing during the nudged phase; "
-                "lower lr or beta, or raise model.max_energy_ratio)")
+                f"({float(estimate.stats['C_free']):.3g}); "
+                f"{self.estimator.diagnose(self.network, x, y, estimate)} (lower lr or beta, or "
+                "raise model.max_energy_ratio)")
 
     def _log_step(self, estimate, y: Tensor, optimizer, now: float) -> None:
         error = (estimate.logits.argmax(1) != y).float().mean()
