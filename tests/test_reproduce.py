@@ -98,7 +98,8 @@ def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
         assert sorted(local.curves["val/top1_error"]) == [0, 1]   # 2 smoke epochs
         wandb_run = report.read_wandb_run(next(path.parent.glob("wandb/offline-run-*")))
         assert wandb_run.table == "fig_init_gain" and wandb_run.labels == local.labels
-        assert wandb_run.status == "ok"
+        # ok only where the CLI wrote its status into the summary: W&B's exit code is not the run's
+        assert wandb_run.status in ("ok", "unknown")
         assert wandb_run.final == pytest.approx(local.final, rel=1e-6)
         assert wandb_run.curves["val/top1_error"] == pytest.approx(local.curves["val/top1_error"])
     md = (tmp_path / "report" / "fig_init_gain.md").read_text()
@@ -112,7 +113,8 @@ def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
     for path in records:
         path.unlink()
     assert report.write_report(tmp_path, tmp_path / "from_wandb", ["fig_init_gain"])
-    assert (tmp_path / "from_wandb" / "fig_init_gain.md").read_text().count(" ok ") == 4
+    from_wandb = (tmp_path / "from_wandb" / "fig_init_gain.md").read_text()
+    assert from_wandb.count(" ok ") + from_wandb.count(" unknown ") == 4
     # --publish logs the tables and figures to one W&B run (offline here: a run folder).
     published = subprocess.run(
         [sys.executable, "-m", "pcn_ep", "report", str(tmp_path), "--out", str(tmp_path / "pub"),
@@ -162,13 +164,16 @@ def test_energy_tool_traces_a_checkpoint_and_names_a_missing_one(tmp_path):
 
 
 def test_a_failing_run_stops_the_sweep_with_its_error(tmp_path):
-    """No data at the configs' default roots: the first run fails, the sweep stops, exit 1."""
+    """Data folders that exist but hold no data: the first run fails, the sweep stops, exit 1."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    roots = [a for name in ("mnist", "cifar10", "cifar100", "imagenet32")
+             for a in ("--data-root", f"{name}={empty}")]
     done = subprocess.run(
         [sys.executable, "-m", "pcn_ep", "reproduce", "table_costs", "--gpus", "0", "--out",
-         "out", "--set", f"data.init_args.root={tmp_path / 'missing'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+         "out", *roots], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 1
-    assert "data root not found" in done.stderr and "failed" in done.stderr
+    assert "failed" in done.stderr and str(empty) in done.stderr
     assert len(list((tmp_path / "out").rglob("run.json"))) == 1  # --out relative to the caller
     bad = subprocess.run([sys.executable, "-m", "pcn_ep", "reproduce", "table_costs",
                           "--data-root", f"mnist={tmp_path / 'nowhere'}"], capture_output=True, text=True)

@@ -1,8 +1,15 @@
 """``python -m pcn_ep report RESULTS_DIR --out OUT_DIR [--publish]``: the paper's tables, ours beside.
 
-Reads every run under RESULTS_DIR: the local records ``reproduce`` writes (``run.json`` with
-``metrics.csv`` or ``energy.json``) and W&B run folders (``wandb/offline-run-*`` or ``run-*``; the
-table is the run's group, the cell and seed its config). For each table it writes
+Reads the runs of one results root RESULTS_DIR: the local records ``reproduce`` writes (``run.json``
+with ``metrics.csv`` or ``energy.json``) and W&B run folders (``wandb/offline-run-*`` or ``run-*``;
+the table is the run's group, the cell and seed its config). A folder inside it that is a results
+root of its own (it holds ``reproduce``'s marker, e.g. ``results/smoke/``) is not read, and smoke
+and real runs are never reported together: a root with real runs reports those only (the smoke
+runs are counted and left out), a root of smoke runs only gives a smoke report, marked as such in
+every Markdown file and figure. A run's status is its own exit as ``run.json`` records it (or a
+status the CLI wrote into the W&B summary); a W&B folder alone with logger exit code 0 is
+``unknown``, never ``ok``, and only ``ok`` runs (and diverged ones, as NaN) give numbers.
+For each table it writes
 ``OUT_DIR/TABLE.md`` (mean ± std over seeds of the final test error in %, the paper's numbers from
 ``pcn_ep/experiments/paper_results.yaml`` in the next columns, the paper's claims below) and its figure
 ``OUT_DIR/TABLE.png``: a β×K heat map (Fig. 2), scheme bars (Fig. 1), F-vs-K curves (Fig. 8),
@@ -31,6 +38,8 @@ import yaml
 from .tables import TABLES
 
 METRICS = ("test/top1_error", "test/top5_error")
+MARKER = ".pcn_ep-results.json"   # reproduce writes it in each results root: {"smoke": bool}
+STATUSES = ("ok", "diverged", "failed")
 
 
 @dataclass
@@ -38,7 +47,7 @@ class Run:
     table: str
     labels: dict
     seed: int
-    status: str                                    # ok | diverged | failed | running
+    status: str                                    # ok | diverged | failed | running | unknown
     smoke: bool = False                            # a --smoke run (digits, tiny nets)
     final: dict = field(default_factory=dict)      # metric → value (fraction)
     curves: dict = field(default_factory=dict)     # metric → {epoch: value}
@@ -115,7 +124,7 @@ def read_wandb_run(folder: Path) -> Run | None:
     files_ = sorted(folder.glob("run-*.wandb"))
     if not files_:
         return None
-    run, curves, exit_code = None, {}, None
+    run, curves, exit_code, status = None, {}, None, None
     for record in _wandb_records(files_[0]):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -124,31 +133,82 @@ def read_wandb_run(folder: Path) -> Run | None:
                 return None  # not a run of a reproduce table
             run = Run(record.run.run_group, config["cell"], config.get("seed", 0), "running",
                       config.get("smoke", False))
+            status = _summary_status(record.run.summary.update) or status
         elif kind == "history" and run is not None:
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             _add(curves, run.final, row, int(row["epoch"]) if "epoch" in row else None)
+        elif kind == "summary":
+            status = _summary_status(record.summary.update) or status
         elif kind == "exit":
             exit_code = record.exit.exit_code
     if run is None:
         return None
-    run.status = "running" if exit_code is None else ("ok" if exit_code == 0 else "failed")
+    run.status = wandb_status(exit_code, status)
     run.curves = _mean_curves(curves)
     return run
 
 
+def _summary_status(items) -> str | None:
+    """A status the CLI wrote into the W&B summary (``status`` or ``run/status``)."""
+    for item in items:
+        if (item.key or "/".join(item.nested_key)) in ("status", "run/status"):
+            value = json.loads(item.value_json)
+            if value in STATUSES:
+                return value
+    return None
+
+
+def wandb_status(exit_code: int | None, summary_status: str | None) -> str:
+    """A W&B-only run's status. The logger's exit code is not the run's: a run that fails its config
+    check (or its data) still closes W&B with exit code 0. So only a status the CLI wrote is
+    evidence of success; a non-zero exit code is evidence of failure; anything else is unknown."""
+    if summary_status:
+        return summary_status
+    if exit_code is None:
+        return "running"
+    return "failed" if exit_code != 0 else "unknown"
+
+
+def nested_roots(results: Path) -> list[Path]:
+    """Results roots inside ``results`` (e.g. ``results/smoke/``): their runs are not ``results``'."""
+    return [m.parent for m in results.rglob(MARKER) if m.parent != results]
+
+
 def read_runs(results: Path) -> list[Run]:
-    """Every run under ``results``; a run folder with a local record is not read twice via W&B."""
-    records = sorted(results.rglob("run.json"))
+    """Every run of the results root ``results`` (not of the roots nested in it); a run folder
+    with a local record is not read twice via W&B."""
+    nested = nested_roots(results)
+
+    def own(path: Path) -> bool:
+        return not any(root in path.parents for root in nested)
+
+    records = [p for p in sorted(results.rglob("run.json")) if own(p)]
     runs = [read_record(p) for p in records]
     recorded = {p.parent for p in records}
     for wandb_file in sorted(results.rglob("run-*.wandb")):
         folder = wandb_file.parent
-        if any(parent in recorded for parent in folder.parents):
+        if not own(folder) or any(parent in recorded for parent in folder.parents):
             continue
         run = read_wandb_run(folder)
         if run is not None:
             runs.append(run)
     return runs
+
+
+def root_kind(results: Path) -> bool | None:
+    """What ``reproduce`` wrote the root for: True smoke, False real, None unmarked."""
+    marker = results / MARKER
+    if marker.is_file():
+        return bool(json.loads(marker.read_text()).get("smoke"))
+    return None
+
+
+def split_kind(runs: list[Run], smoke: bool | None) -> tuple[bool, list[Run], list[Run]]:
+    """(smoke?, the runs reported, the runs of the other kind left out). ``smoke=None``: a real
+    report as soon as there is one real run, else a smoke report."""
+    if smoke is None:
+        smoke = all(r.smoke for r in runs)
+    return smoke, [r for r in runs if r.smoke == smoke], [r for r in runs if r.smoke != smoke]
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -188,20 +248,69 @@ def summarize(runs: list[Run]) -> dict[tuple, dict]:
         if run.status == "diverged":
             cell["top1"].append(math.nan)
             cell["top5"].append(math.nan)
+        if run.status != "ok":  # failed, unknown, running: no evidence the numbers are final
+            continue
         for k in ("top1", "top5"):
             if f"test/{k}_error" in run.final:
                 cell[k].append(100 * run.final[f"test/{k}_error"])
     return cells
 
 
-def markdown(table: str, runs: list[Run], cells: dict, paper: dict) -> str:
-    title = TABLES[table].title if table in TABLES else table
+SMOKE_BANNER = ("SMOKE RUNS (--smoke: digits, 1/16-width nets, 2 epochs): a pipeline check, "
+                "not comparable with the paper's numbers")
+WORDS = {"val/top1_error": "Validation top-1 error (%)", "val/top5_error": "Validation top-5 error (%)",
+         "train/error": "Training error (%)", "test/top1_error": "Test top-1 error (%)",
+         "test/top5_error": "Test top-5 error (%)", "beta": "β (nudge strength)",
+         "K": "K (nudge iterations)", "alpha": "α (update step)", "scheme": "Finite-difference scheme",
+         "method": "Method", "dataset": "Data set", "order": "Traversal", "cost": "Cost",
+         "output_gain": "Output-layer init gain", "batch_size": "Batch size", "model": "Network",
+         "rule": "Rule"}
+PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's final test number
+# Training-curve figures: (panel per value of this label, metrics plotted); the default is one
+# panel each for validation top-1 and top-5.
+CURVES = {"table_costs": ("dataset", ("val/top1_error",)),
+          "table_pgd": ("dataset", ("val/top1_error",)),
+          "fig_batch_size": (None, ("val/top1_error", "train/error"))}
+
+
+def words(key: str) -> str:
+    return WORDS.get(key, key)
+
+
+def title_of(table: str) -> str:
+    return TABLES[table].title if table in TABLES else table
+
+
+def caption(table: str, paper: dict, smoke: bool = False) -> str:
+    """What the figure shows, in words: the same sentence heads the Markdown and foots the PNG."""
+    if table in ("table_beta_K", "fig_traversal"):
+        return "Figure: final test top-1 error (%) of each cell, mean over seeds (NaN: diverged)."
+    if table == "table_schemes":
+        return "Figure: final test top-1 error (%) per scheme and method, mean ± std over seeds."
+    if table == "fig_energy":
+        return "Figure: F = E + βC against the nudge iteration K, per image (grey) and their mean."
+    metrics = CURVES.get(table, (None, ("val/top1_error", "val/top5_error")))[1]
+    split = ("smoke runs validate on a held-out split of the digits" if smoke
+             else "the paper's configs validate on the test split, val_size 0")
+    text = (f"Figure: {' and '.join(words(m).lower() for m in metrics)} per epoch (lines, BP "
+            f"dashed; {split}); ◆ the final test error of this table")
+    if paper.get(table, {}).get("rows"):
+        text += "; dotted lines: the paper's final test error"
+    return text + "."
+
+
+def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool = False,
+             left_out: int = 0) -> str:
     info = paper.get(table, {})
-    lines = [f"# {title}", "", f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std "
-             f"over seeds; NaN = diverged."]
-    if any(r.smoke for r in runs):
-        lines += ["", "**Smoke runs** (`--smoke`: digits, 1/16-width nets, 2 epochs): they check the "
-                  "pipeline and are not comparable with the paper's numbers."]
+    lines = [f"# {title_of(table)}", ""]
+    if smoke:
+        lines += [f"**{SMOKE_BANNER}.**", ""]
+    lines += [f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std over the seeds whose "
+              "run ended ok; NaN = diverged.", "", caption(table, paper, smoke)]
+    if left_out:
+        other = "real" if smoke else "smoke"
+        lines += ["", f"Left out: {left_out} {other} run(s) found under the same folder (smoke and "
+                  "real runs are never reported together; give each its own results folder)."]
     if any(not r.energy for r in runs):
         keys = list(next(iter(cells.values()))["labels"]) if cells else []
         has_paper = bool(info.get("rows"))
@@ -232,12 +341,16 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict) -> str:
         lines += ["", "What the paper states (no numbers in the text):", ""]
         lines += [f"- {c}" for c in info["claims"]]
     if any(r.status == "failed" for r in runs):
-        lines += ["", "Some runs failed: see their log.txt."]
+        lines += ["", "Some runs failed: see their log.txt; a failed run gives no numbers."]
+    if any(r.status in ("unknown", "running") for r in runs):
+        lines += ["", "unknown / running: a W&B run folder with no run.json beside it and no status "
+                  "written by the CLI. The logger's exit code is not the run's (a run that fails its "
+                  "config check still closes W&B cleanly), so these runs give no numbers."]
     return "\n".join(lines) + "\n"
 
 
 # -- figures ------------------------------------------------------------------------------------
-def _heatmap(ax, cells: dict, rows: str, cols: str, title: str) -> None:
+def _heatmap(ax, cells: dict, rows: str, cols: str, title: str | None) -> None:
     import numpy as np
 
     row_values = sorted({c["labels"][rows] for c in cells.values()}, key=float)
@@ -250,13 +363,14 @@ def _heatmap(ax, cells: dict, rows: str, cols: str, title: str) -> None:
     image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, "NaN" if math.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                color="red" if math.isnan(v) else "white", fontsize=8)
+                color="red" if math.isnan(v) else "white", fontsize=10)
     ax.set_xticks(range(len(col_values)), [str(v) for v in col_values])
     ax.set_yticks(range(len(row_values)), [str(v) for v in row_values])
-    ax.set_xlabel(cols)
-    ax.set_ylabel(rows)
-    ax.set_title(title)
-    ax.figure.colorbar(image, ax=ax, label="test top-1 error (%)")
+    ax.set_xlabel(words(cols))
+    ax.set_ylabel(words(rows))
+    if title:
+        ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, label=words("test/top1_error"))
 
 
 def _facets(cells: dict, key: str | None) -> dict:
@@ -266,7 +380,7 @@ def _facets(cells: dict, key: str | None) -> dict:
     return groups
 
 
-def _bars(ax, cells: dict, x: str, hue: str, title: str) -> None:
+def _bars(ax, cells: dict, x: str, hue: str, title: str | None) -> None:
     x_values = list(dict.fromkeys(c["labels"][x] for c in cells.values()))
     hues = list(dict.fromkeys(c["labels"][hue] for c in cells.values()))
     width = 0.8 / len(hues)
@@ -279,9 +393,13 @@ def _bars(ax, cells: dict, x: str, hue: str, title: str) -> None:
             errs.append(statistics.stdev(v) if len(v) > 1 else 0)
         ax.bar([j + i * width for j in range(len(x_values))], means, width, yerr=errs, label=h)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(x_values))], x_values)
-    ax.set_ylabel("test top-1 error (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)   # headroom for the legend
+    ax.set_xlabel(words(x))
+    ax.set_ylabel(words("test/top1_error"))
+    if title:
+        ax.set_title(title)
+    ax.legend(title=words(hue), fontsize=10, title_fontsize=10, loc="upper center",
+              ncol=len(hues))
 
 
 def _energy(axes, run: Run) -> None:
@@ -289,55 +407,104 @@ def _energy(axes, run: Run) -> None:
     for ax, (name, c) in zip(axes.flat, run.energy["curves"].items()):
         for per_image in c["per_image"]:
             ax.plot(run.energy["K"], per_image, color="gray", alpha=0.4, lw=0.8)
-        ax.plot(run.energy["K"], c["mean"], color="tab:blue", lw=2, label="mean")
+        ax.plot(run.energy["K"], c["mean"], color="tab:blue", lw=2, label="mean over images")
         ax.axvline(run.energy["K_config"], color="tab:red", lw=0.8, label="K of training")
         rule, sign = name.split("/")
-        ax.set_title(f"{rule}, beta = {sign}{run.energy['beta']}")
-        ax.set_xlabel("nudge iteration K")
-        ax.set_ylabel("F = E + beta C")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{rule}, β = {sign}{run.energy['beta']}")
+        ax.set_xlabel("Nudge iteration K")
+        ax.set_ylabel("F = E + βC")
+        ax.legend(fontsize=10)
 
 
-def _curves(axes, cells: dict, metrics: tuple[str, ...], facet: str | None = None) -> None:
-    for ax, metric in zip(axes, metrics):
-        for c in cells.values():
-            points: dict = defaultdict(list)
-            for run in c["runs"]:
-                for epoch, v in run.curves.get(metric, {}).items():
-                    points[epoch].append(100 * v)
-            if not points:
+def _paper_value(rows: list, labels: dict, key: str) -> float | None:
+    match = next((p for p in rows if _matches(p, labels)), {})
+    value = match.get(key)
+    return value[0] if isinstance(value, list) else value
+
+
+def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = None) -> None:
+    """One line per cell (BP dashed); ◆ the cell's final test error at its last epoch, the paper's
+    final test error as a dotted line in the cell's colour."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    key, finals, papers = PAPER_KEY.get(metric), False, False
+    for i, c in enumerate(cells.values()):
+        points: dict = defaultdict(list)
+        for run in c["runs"]:
+            if run.status not in ("ok", "diverged"):
                 continue
-            epochs = sorted(points)
-            label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
-            style = "--" if c["labels"].get("method") == "bp" else "-"
-            ax.plot([e + 1 for e in epochs], [statistics.mean(points[e]) for e in epochs], style,
-                    label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{metric} (%)")
-        if ax.lines:
-            ax.legend(fontsize=6)
+            for epoch, v in run.curves.get(metric, {}).items():
+                points[epoch].append(100 * v)
+        if not points:
+            continue
+        epochs, color = sorted(points), f"C{i % 10}"
+        xs = [e + 1 for e in epochs]  # epoch 1 is the first
+        label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
+        style = "--" if c["labels"].get("method") == "bp" else "-"
+        ax.plot(xs, [statistics.mean(points[e]) for e in epochs], style, color=color, lw=1.8,
+                label=label)
+        final = [v for v in c.get(key, []) if not math.isnan(v)] if key else []
+        if final:
+            ax.plot(xs[-1], statistics.mean(final), "D", color=color, ms=7, mec="black")
+            finals = True
+        reference = _paper_value(paper_rows, c["labels"], key) if key else None
+        if reference is not None:
+            ax.axhline(reference, color=color, ls=":", lw=1.6)
+            papers = True
+    ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(words(metric))
+    return ([Line2D([], [], color="gray", marker="D", ls="none", mec="black",
+                    label="final test error (the table)")] * finals
+            + [Line2D([], [], color="gray", ls=":", lw=1.6, label="the paper's final test error")]
+            * papers)
 
 
-# Training-curve figures: (panel per value of this label, metrics plotted); the default is one
-# panel each for val top-1 and top-5 (with val_size 0 the val split is the test split, as the
-# paper's curves).
-CURVES = {"table_costs": ("dataset", ("val/top1_error",)),
-          "table_pgd": ("dataset", ("val/top1_error",)),
-          "fig_batch_size": (None, ("val/top1_error", "train/error"))}
+def _legend(fig, axes, extra: list) -> float | None:
+    """One legend for every panel, below them (the panels share their cells' labels); the figure
+    grows by its rows."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    for h in extra:
+        handles.setdefault(h.get_label(), h)
+    if not handles:
+        return
+    ncol = min(3, len(handles))
+    rows = math.ceil(len(handles) / ncol)
+    fig.set_figheight(fig.get_figheight() + 0.3 * rows)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=10,
+               frameon=False, bbox_to_anchor=(0.5, 0.4 / fig.get_figheight()))
+    return 0.45 + 0.3 * rows
 
 
-def figure(table: str, runs: list[Run], cells: dict, path: Path) -> Path | None:
+def _grid(n: int, width: float = 6.4, height: float = 4.6):
+    """Panels two to a row: never a long strip."""
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    return rows, cols, (width * cols, height * rows)
+
+
+def build_figure(table: str, runs: list[Run], cells: dict, paper: dict | None = None,
+                 smoke: bool = False):
+    """The table's figure (a matplotlib Figure), or None when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paper = paper_results() if paper is None else paper
+    bottom = 0.45   # inches kept below the panels for the caption (and the legend)
+    rows_of_paper = paper.get(table, {}).get("rows", [])
     if table in ("table_beta_K", "fig_traversal", "table_schemes"):
         facet = {"table_beta_K": None, "fig_traversal": "order", "table_schemes": "dataset"}[table]
         groups = _facets(cells, facet)
-        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-        for ax, (name, group) in zip(axes[0], groups.items()):
-            title = f"{facet}={name}" if facet else "VGG5 CIFAR-100"
+        nrows, ncols, size = _grid(len(groups))
+        fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+        for ax, (name, group) in zip(axes.flat, groups.items()):
+            title = f"{words(facet)}: {name}" if facet else None
             if table == "table_schemes":
                 _bars(ax, group, "scheme", "method", title)
             elif table == "table_beta_K":
@@ -354,42 +521,76 @@ def figure(table: str, runs: list[Run], cells: dict, path: Path) -> Path | None:
         if not any(r.curves for r in runs):
             return None
         facet, metrics = CURVES.get(table, (None, ("val/top1_error", "val/top5_error")))
-        if facet:  # one panel per data set, top-1 only
-            groups = _facets(cells, facet)
-            fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
-            for ax, (name, group) in zip(axes[0], groups.items()):
-                _curves([ax], group, metrics, facet)
-                ax.set_title(f"{facet}={name}")
-        else:
-            fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
-            _curves(axes, cells, metrics)
-    fig.suptitle(table)
-    fig.tight_layout()
+        metrics = [m for m in metrics if any(m in r.curves for r in runs)] or metrics[:1]
+        groups = _facets(cells, facet)
+        panels = [(name, group, m) for name, group in groups.items() for m in metrics]
+        nrows, ncols, size = _grid(len(panels))
+        fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+        extra = []
+        for ax, (name, group, metric) in zip(axes.flat, panels):
+            extra += _curves(ax, group, metric, rows_of_paper, facet)
+            if facet:
+                ax.set_title(f"{words(facet)}: {name}")
+        bottom = _legend(fig, axes.flat, extra) or bottom
+    for ax in axes.flat:
+        if not ax.has_data():
+            ax.set_visible(False)
+    height = fig.get_figheight()
+    top = 0.45 + 0.35 * smoke   # inches kept for the title (and the smoke banner)
+    fig.suptitle(title_of(table), fontsize=14, y=1 - 0.12 / height, va="top")
+    if smoke:
+        fig.text(0.5, 1 - 0.55 / height, SMOKE_BANNER, ha="center", va="top", fontsize=11,
+                 color="white", weight="bold", bbox={"facecolor": "firebrick", "edgecolor": "none"})
+    fig.text(0.5, 0.1 / height, caption(table, paper, smoke), ha="center", va="bottom",
+             fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
+    return fig
+
+
+def figure(table: str, runs: list[Run], cells: dict, path: Path, paper: dict | None = None,
+           smoke: bool = False) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(table, runs, cells, paper, smoke)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
 # -- entry points -------------------------------------------------------------------------------
-def write_report(results: Path, out: Path, tables: list[str] | None = None) -> list[Path]:
-    """Write TABLE.md and TABLE.png for every table with runs under ``results``; return the paths."""
-    runs = read_runs(results)
-    if not runs:
-        raise FileNotFoundError(f"no runs (run.json or W&B run folders) under {results}")
+def write_report(results: Path, out: Path, tables: list[str] | None = None,
+                 smoke: bool | None = None) -> list[Path]:
+    """Write TABLE.md and TABLE.png for every table with runs of the results root ``results``;
+    return the paths. ``smoke``: report the smoke (True) or real (False) runs; default: what
+    ``reproduce`` marked the root as, else real runs if there are any, else smoke runs."""
+    everything = read_runs(results)
+    nested = nested_roots(results)
+    if not everything:
+        hint = f" (other results roots inside it: {', '.join(map(str, nested))})" if nested else ""
+        raise FileNotFoundError(f"no runs (run.json or W&B run folders) under {results}{hint}")
+    smoke, runs, left = split_kind(everything, root_kind(results) if smoke is None else smoke)
     paper = paper_results()
     by_table: dict[str, list[Run]] = defaultdict(list)
+    left_by_table: dict[str, int] = defaultdict(int)
     for run in runs:
         by_table[run.table].append(run)
+    for run in left:
+        left_by_table[run.table] += 1
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in tables or sorted(by_table):
         if table not in by_table:
-            raise FileNotFoundError(f"no runs of {table} under {results}")
+            other = (f" ({left_by_table[table]} {'real' if smoke else 'smoke'} runs left out: "
+                     "smoke and real runs are never reported together)") if left_by_table[table] else ""
+            raise FileNotFoundError(f"no {'smoke' if smoke else 'real'} runs of {table} under "
+                                    f"{results}{other}")
         table_runs, md = by_table[table], out / f"{table}.md"
         cells = summarize(table_runs)
-        md.write_text(markdown(table, table_runs, cells, paper))
+        md.write_text(markdown(table, table_runs, cells, paper, smoke, left_by_table[table]))
         written.append(md)
-        png = figure(table, table_runs, cells, out / f"{table}.png")
+        png = figure(table, table_runs, cells, out / f"{table}.png", paper, smoke)
         if png:
             written.append(png)
     return written
@@ -416,6 +617,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tables", nargs="+", default=None, help="default: every table found")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--smoke", dest="smoke", action="store_const", const=True, default=None,
+                      help="report the smoke runs (default: the folder's kind, else real runs if any)")
+    kind.add_argument("--real", dest="smoke", action="store_const", const=False,
+                      help="report the real (non-smoke) runs")
     p.add_argument("--publish", action="store_true", help="also log the report to W&B")
     p.add_argument("--wandb-project", default="pcn-ep")
     return p
@@ -427,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: error: results folder not found: {args.results}", file=sys.stderr)
         return 1
     try:
-        paths = write_report(args.results, args.out, args.tables)
+        paths = write_report(args.results, args.out, args.tables, args.smoke)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 1

@@ -11,8 +11,10 @@ Fig. 8) with its own folder ``OUT/TABLE/CELL/seedS/`` holding:
 - ``checkpoints/last.ckpt``: a rerun resumes an unfinished run from it and skips finished ones.
 
 A diverged run is a result (Fig. 5 marks them NaN); any other failure stops the sweep with the run's
-error line. ``--smoke`` runs the same grid on the embedded digits with tiny networks and 2 epochs
-(``configs/smoke.yaml``), so the whole pipeline is checked on a laptop CPU.
+error line; data the table needs and cannot find stops it before the first run. ``--smoke`` runs
+the same grid on the embedded digits with tiny networks and 2 epochs (``configs/smoke.yaml``), so
+the whole pipeline is checked on a laptop CPU. Each results folder holds one kind (smoke or real,
+marked in ``.pcn_ep-results.json``): the report of a folder never mixes them.
 
 Scheduling: with G GPUs, VGG5 cells run G at a time, one GPU each; VGG10 cells use all G GPUs in one
 DDP run (the paper trained each run on one A100: the global batch is then G × 256, see README). On a
@@ -37,6 +39,7 @@ from .tables import TABLES, Cell, Table
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
+MARKER = ".pcn_ep-results.json"  # in each results root: {"smoke": bool}; report reads one root
 # -- one run ------------------------------------------------------------------------------------
 def data_overrides(config: str, roots: dict[str, str]) -> dict:
     """Point a config at the user's data: ``--data-root cifar100=/x`` (ImageDataModule roots) or
@@ -49,6 +52,34 @@ def data_overrides(config: str, roots: dict[str, str]) -> dict:
         return {"data.init_args.train_path": str(folder / "train.beton"),
                 "data.init_args.val_path": str(folder / "val.beton")}
     return {}
+
+
+def missing_data(cells: list[Cell], roots: dict[str, str], extra: dict) -> dict[str, str]:
+    """The data sets the cells need that are not where their runs would look: {NAME: path}.
+    A run starts in the repository root, so a config's relative root is relative to it."""
+    missing = {}
+    for cell in cells:
+        spec = dict(yaml.safe_load((CONFIGS / cell.config).read_text())["data"]["init_args"])
+        spec.update({k.removeprefix("data.init_args."): v
+                     for k, v in {**data_overrides(cell.config, roots), **cell.overrides,
+                                  **extra}.items() if k.startswith("data.init_args.")})
+        if "dataset" in spec and "root" in spec:
+            if not (ROOT / str(spec["root"])).is_dir():
+                missing.setdefault(spec["dataset"], str(spec["root"]))
+        elif "train_path" in spec:
+            for key in ("train_path", "val_path"):
+                if not (ROOT / str(spec[key])).is_file():
+                    missing.setdefault("imagenet", str(spec[key]))
+    return missing
+
+
+def data_error(table: str, missing: dict[str, str]) -> str:
+    flags = " ".join(f"--data-root {name}=" + ("DIR" if name == "imagenet" else "PATH")
+                     for name in missing)
+    found = ", ".join(f"{name} ({path} not found)" for name, path in missing.items())
+    return (f"reproduce: error: {table} needs data it cannot find: {found}. Pass {flags}"
+            + (" (imagenet: DIR holds train.beton and val.beton)" if "imagenet" in missing else "")
+            + ", or --smoke for the embedded digits")
 
 
 def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str,
@@ -92,9 +123,9 @@ def command(table: Table, cell: Cell, seed: int, run_dir: Path, args: argparse.N
         overrides.update({"trainer.max_epochs": table.epochs, "model.t_max": table.epochs})
     overrides.update(cell.overrides)
     overrides.update({"seed_everything": seed, "model.seed": seed, "data.init_args.seed": seed})
-    if devices:
+    if devices:  # -1: every GPU of the node the command runs on (--dry-run for a DDP table)
         overrides.update({"trainer.accelerator": "gpu", "trainer.devices": devices})
-        if devices > 1:
+        if devices > 1 or devices == -1:
             overrides["trainer.strategy"] = "ddp"
     elif not args.smoke:
         overrides.update({"trainer.accelerator": "cpu", "trainer.devices": 1})
@@ -155,7 +186,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="mnist|cifar10|cifar100|imagenet32=ROOT, imagenet=DIR with train.beton "
                         "and val.beton (repeatable; default: the configs' data/NAME)")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs on this node (default: all visible)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs on this node (default: all visible; with --dry-run, GPU commands even "
+                        "where none is visible: one GPU per VGG5 run, every GPU of the node for a "
+                        "DDP run; --gpus 0: CPU commands)")
     p.add_argument("--jobs", type=int, default=None,
                    help="concurrent runs on a CPU (default 1, or 2 with --smoke)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the table's")
@@ -168,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
                                                        "(default: the network at initialization)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true",
-                   help="print each run's command (e.g. to submit them to a job scheduler), run none")
+                   help="print each run's command (e.g. to submit them to a job scheduler), run "
+                        "none; GPU commands unless --gpus 0")
     return p
 
 
@@ -180,6 +215,43 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
             raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         pairs[key] = value
     return pairs
+
+
+def claim_root(out: Path, smoke: bool) -> str | None:
+    """Mark ``out`` as a smoke or a real results root; an error line if it holds the other kind
+    (the report reads one root, so smoke and real runs never mix)."""
+    kind = "smoke" if smoke else "real"
+    marker = out / MARKER
+    other = None
+    if marker.is_file():
+        if bool(json.loads(marker.read_text()).get("smoke")) != smoke:
+            other = "smoke" if not smoke else "real"
+    else:
+        for record in out.glob("*/*/*/run.json"):
+            if bool(json.loads(record.read_text()).get("smoke")) != smoke:
+                other = "smoke" if not smoke else "real"
+                break
+    if other:
+        return (f"reproduce: error: {out} holds {other} runs: {kind} runs need their own results "
+                f"folder (--out; the default is results/ for real runs, results/smoke/ for smoke)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"smoke": smoke}) + "\n")
+    return None
+
+
+def print_commands(lines) -> int:
+    """Print one command a line; a reader that stops early (``| head -1``) ends it quietly."""
+    try:
+        for line in lines:
+            print(line, flush=True)
+    except BrokenPipeError:
+        try:  # no second BrokenPipeError when Python flushes stdout at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        sys.stdout = open(os.devnull, "w")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,20 +274,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.energy_ckpt:
         args.energy_ckpt = str(Path(args.energy_ckpt).resolve())
     args.out = (args.out or ROOT / ("results/smoke" if args.smoke else "results")).resolve()
+    runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
+    if not args.smoke and not args.dry_run:  # before the first run, not 57 s into it
+        missing = missing_data([cell for cell, _ in runs], args.data_root, args.set)
+        if missing:
+            print(data_error(table.name, missing), file=sys.stderr)
+            return 2
     if args.gpus is None:
         import torch
+
         args.gpus = 0 if args.smoke else torch.cuda.device_count()
+        if args.dry_run and not args.smoke and not args.gpus:
+            args.gpus = -1  # commands for GPU nodes: a dry run is for a scheduler, not this host
+    error = claim_root(args.out, args.smoke)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.dry_run:
+        devices = 0 if not args.gpus else (args.gpus if table.ddp else 1)
+
+        def lines():
+            for cell, seed in runs:
+                run_dir = run_folder(args.out, table, cell, seed)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                yield shlex.join(command(table, cell, seed, run_dir, args, devices))
+        return print_commands(lines())
     slots = gpu_slots(args.gpus, table.ddp)
     jobs = len(slots) or args.jobs or (2 if args.smoke else 1)
     # CPU runs share the cores; a GPU run needs few threads (its data loaders have their workers).
     args.threads = max(1, (os.cpu_count() or 1) // jobs) if not slots else 4
-    runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
-    if args.dry_run:
-        for cell, seed in runs:
-            run_dir = run_folder(args.out, table, cell, seed)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            print(shlex.join(command(table, cell, seed, run_dir, args, len(slots[0]) if slots else 0)))
-        return 0
     print(f"{table.title}: {len(runs)} runs, {jobs} at a time -> {args.out / table.name}")
     free, lock, failures = list(slots), threading.Lock(), []
 
