@@ -82,3 +82,17 @@ def test_report_and_runner_share_the_tables_without_a_circle():
     runner = imported_modules(PACKAGE / "experiments" / "reproduce.py")
     assert "pcn_ep.experiments.tables" in report and "pcn_ep.experiments.tables" in runner
     assert not any(m.startswith("pcn_ep.experiments.reproduce") for m in report)
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    from pcn_ep.__main__ import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("usage: python -m pcn_ep COMMAND")
+    for name in COMMANDS:
+        assert sum(line.split()[:1] == [name] for line in out) == 1, name
+    modules = {p.stem for wing in ("tools", "experiments") for p in (PACKAGE / wing).glob("*.py")
+               if "def main(" in p.read_text()}
+    assert modules <= {m.rsplit(".", 1)[1] for m, _ in COMMANDS.values()}  # no command left out
+    assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -3,6 +3,7 @@ import glob
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,17 @@ def test_compile_option_trains_through_the_whole_graph_estimator(tmp_path, monke
               enable_checkpointing=False, enable_progress_bar=False,
               default_root_dir=tmp_path).fit(model, SparseParityDataModule(n_bits=6, k_sparse=2))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fit_ends_with_a_summary_of_results_and_files(tmp_path, capsys):
+    path, cfg = tiny_config(tmp_path)
+    cfg["test_after_fit"] = True
+    cfg["trainer"]["max_epochs"] = 1
+    path.write_text(yaml.safe_dump(cfg))
+    fit(path)
+    out = capsys.readouterr().out
+    summary = out[out.index("pcn_ep: done."):]
+    assert "test error: top1 " in summary and "top5 " in summary
+    for name in ("best checkpoint", "last checkpoint", "metrics (CSV)"):
+        line = next(l for l in summary.splitlines() if name in l)
+        assert Path(line.split(": ", 1)[1]).exists(), line

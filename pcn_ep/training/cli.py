@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -67,6 +67,32 @@ class PCNCLI(LightningCLI):
         """The paper reports the error after the last epoch: test the final weights."""
         if self.config[self.subcommand].test_after_fit and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        print_summary(self.trainer)
+
+    def after_test(self) -> None:
+        print_summary(self.trainer)
+
+
+def print_summary(trainer: L.Trainer) -> None:
+    """What a finished command leaves behind, in a few lines: the test error and where the
+    checkpoints, the CSV metrics and the W&B run folder are."""
+    if not trainer.is_global_zero:
+        return
+    metrics = trainer.callback_metrics
+    errors = [f"{name.split('/')[1].replace('_error', '')} {100 * float(metrics[name]):.2f}%"
+              for name in ("test/top1_error", "test/top5_error") if name in metrics]
+    lines = [f"test error: {', '.join(errors)}"] if errors else []
+    best = [c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path]
+    last = last_checkpoint_path(trainer)
+    lines += [f"best checkpoint: {best[0]}"] if best else []
+    lines += [f"last checkpoint: {last}"] if last.exists() else []
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            lines.append(f"metrics (CSV): {Path(logger.log_dir) / 'metrics.csv'}")
+        elif isinstance(logger, WandbLogger) and logger._experiment is not None:
+            lines.append(f"W&B run folder: {Path(logger.experiment.dir).parent}")
+    if lines:
+        print("\n".join(["pcn_ep: done.", *[f"  {line}" for line in lines]]))
 
 
 def check_checkpoint(ckpt_path: str | None, trainer: L.Trainer, model: L.LightningModule) -> None:
@@ -137,12 +163,10 @@ def check_config_files(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pcn_ep {{{','.join(SUBCOMMANDS)},gradcheck,parity,bench,write-ffcv,energy,reproduce,report}} [--config FILE] ...")
-        return 0 if argv else 2
-    if argv[0] not in SUBCOMMANDS:
-        print(f"pcn_ep: error: unknown command {argv[0]!r}; choose one of "
-              f"{', '.join(SUBCOMMANDS)}, gradcheck, parity, bench, write-ffcv, energy, reproduce, report", file=sys.stderr)
+    """``fit|validate|test [options]`` (``python -m pcn_ep`` routes the other commands)."""
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(f"pcn_ep: error: expected one of {', '.join(SUBCOMMANDS)} (python -m pcn_ep --help "
+              "lists every command)", file=sys.stderr)
         return 2
     if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
         argv = [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
