@@ -150,7 +150,7 @@ def test_energy_tool_traces_a_checkpoint_and_names_a_missing_one(tmp_path):
     for name, extra in (("init", []), ("trained", ["--ckpt", str(ckpt)])):
         cmd = [sys.executable, "-m", "pcn_ep", "energy", "--config", smoke[0], "--config", smoke[1],
                "--K-max", "6", "--out", str(tmp_path / f"{name}.json"), *extra]
-        assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+        assert subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp_path).returncode == 0
         outputs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert outputs["trained"]["checkpoint"] == str(ckpt) and outputs["init"]["checkpoint"] is None
     assert len(outputs["trained"]["curves"]["pgd/-"]["mean"]) == 7
@@ -159,7 +159,8 @@ def test_energy_tool_traces_a_checkpoint_and_names_a_missing_one(tmp_path):
         outputs["init"]["curves"]["mod-pgd/+"]["mean"][0]
     missing = subprocess.run([sys.executable, "-m", "pcn_ep", "energy", "--config", smoke[0],
                               "--config", smoke[1], "--ckpt", str(tmp_path / "no.ckpt"), "--out",
-                              str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300)
+                              str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)  # the config's loggers make runs/ where they start
     assert missing.returncode == 1 and "checkpoint not found" in missing.stderr
 
 
