@@ -81,6 +81,9 @@ def test_wandb_offline_run_folder_holds_the_logged_metrics(tmp_path, monkeypatch
     for key in (b"val/top1_error", b"val/top5_error", b"train/loss", b"train/energy+", b"lr",
                 b"pcn-ep-test", b"tests", b"tiny"):
         assert key in records, key
+    # the whole resolved config (network, data, trainer), not only the module's settings
+    for key in (b"width_mult", b"0.0625", b"max_epochs", b"DigitsDataModule", b"max_shift"):
+        assert key in records, key
 
 
 @pytest.mark.parametrize("override, message", [

@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from ..core import DivergenceError
 from .callbacks import (SIGNALS, STOP, CheckpointWriteError, Preempted, RunFolderBusy, on_signal,
                         last_checkpoint_path)
+from .loggers import WandbLogger as PCNWandbLogger
 from .module import PCNEPModule
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -57,6 +58,10 @@ class PCNCLI(LightningCLI):
             raise ValueError("trainer.max_epochs is 0: nothing would be trained (use `test` to "
                              "evaluate a checkpoint)")
         check_checkpoint(self.config[self.subcommand].ckpt_path, self.trainer, self.model)
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True))[self.subcommand]
+        for logger in self.trainer.loggers:
+            if isinstance(logger, PCNWandbLogger):
+                logger.run_config = resolved  # logged with the hyperparameters at fit start
 
     def before_validate(self) -> None:
         check_checkpoint(self.config[self.subcommand].ckpt_path, self.trainer, self.model)

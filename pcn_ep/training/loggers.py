@@ -48,3 +48,11 @@ class WandbLogger(_WandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, name=name, group=group, tags=tags, save_dir=save_dir,
                          offline=offline, **kwargs)
+        self.run_config: dict | None = None  # the whole resolved config (set by the CLI)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """The module's hyperparameters, plus the whole resolved run config under ``run`` (network,
+        data, trainer): a W&B run then says what produced it, not only β and K."""
+        if self.run_config is not None:
+            params = {**dict(params), "run": self.run_config}
+        super().log_hyperparams(params, *args, **kwargs)
