@@ -304,5 +304,9 @@ def compile_estimator(estimator: EquilibriumPropagation | Backprop, **options
     before the compiled region, from the estimator's generator on the data's device (a generator
     cannot be traced); the ``interrupt`` callback is not asked inside it. With ``check_finite`` the
     check (one sync) runs after the compiled step; with False the call never syncs."""
+    # dynamic=False: K, the order and the network's topology are compile-time constants (the
+    # wavefront schedule depends on them); a process that compiled another K must not turn K into a
+    # symbolic int, which the schedule cannot take.
+    options.setdefault("dynamic", False)
     return functools.partial(estimator.checked, torch.compile(estimator.estimate, fullgraph=True,
                                                               **options))
