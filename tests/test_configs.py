@@ -134,8 +134,13 @@ def test_config_matches_the_paper(name, capsys):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_writes_to_its_own_run_folder(name, capsys):
-    trainer = resolved(name, capsys)["trainer"]
-    run = f"runs/{name}"
+    """One folder per config and seed (two seeds never share a last.ckpt), and seed_everything
+    seeds the data order and the sign generator too."""
+    config = resolved(name, capsys)
+    trainer = config["trainer"]
+    run = f"runs/{name}/seed0"
+    assert config["seed_everything"] == 0
+    assert config["model"]["seed"] == 0 and config["data"]["init_args"]["seed"] == 0
     assert trainer["default_root_dir"] == run
     assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {run}
     wandb, = [lg for lg in trainer["logger"] if lg["class_path"] == "pcn_ep.training.loggers.WandbLogger"]
@@ -150,5 +155,37 @@ def test_config_writes_to_its_own_run_folder(name, capsys):
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")
                                         if p.stem not in EXPECTED and p.stem != "smoke"))
 def test_every_other_config_parses(name, capsys):
-    """The quickstart and parity configs (smoke.yaml is an overlay: tests/test_reproduce.py)."""
+    """The quickstart, ImageFolder and parity configs (smoke.yaml is an overlay:
+    tests/test_reproduce.py)."""
     assert resolved(name, capsys)["model"]["network"]["class_path"].startswith("pcn_ep.core.")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_bp", "imagefolder"])
+def test_the_user_configs_write_to_a_folder_of_their_name_and_seed(name, capsys):
+    trainer = resolved(name, capsys)["trainer"]
+    run = f"runs/{name}/seed0"
+    assert trainer["default_root_dir"] == run
+    assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {run}
+    wandb, = [lg for lg in trainer["logger"] if lg["class_path"].endswith("WandbLogger")]
+    assert wandb["init_args"]["group"] == name.removesuffix("_bp")  # EP and BP twins side by side
+
+
+def test_seed_everything_moves_every_seed_and_the_run_folder_unless_set(capsys):
+    """The finding: ``--seed_everything 3`` alone left the data order and the random scheme's
+    signs at 0 and wrote into the same folder as seed 0."""
+    def resolve(*extra):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(CONFIGS / "vgg10_random.yaml"), *extra, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    config = resolve("--seed_everything", "3")
+    assert config["model"]["seed"] == 3 and config["data"]["init_args"]["seed"] == 3
+    trainer = config["trainer"]
+    assert trainer["default_root_dir"] == "runs/vgg10_random/seed3"
+    checkpoint, = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoint["init_args"]["dirpath"] == "runs/vgg10_random/seed3/checkpoints"
+    explicit = resolve("--seed_everything", "3", "--model.seed", "7", "--data.init_args.seed", "8",
+                       "--trainer.default_root_dir", "elsewhere")
+    assert (explicit["model"]["seed"], explicit["data"]["init_args"]["seed"]) == (7, 8)
+    assert {lg["init_args"]["save_dir"] for lg in explicit["trainer"]["logger"]} == {"elsewhere"}

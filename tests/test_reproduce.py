@@ -115,13 +115,16 @@ def test_smoke_sweep_records_logs_resumes_and_reports(tmp_path):
     assert report.write_report(tmp_path, tmp_path / "from_wandb", ["fig_init_gain"])
     from_wandb = (tmp_path / "from_wandb" / "fig_init_gain.md").read_text()
     assert from_wandb.count(" ok ") + from_wandb.count(" unknown ") == 4
-    # --publish logs the tables and figures to one W&B run (offline here: a run folder).
+    # --publish without a W&B key: the W&B Report's specification, its run set selecting these
+    # runs as their own W&B files name them (group, smoke flag).
     published = subprocess.run(
         [sys.executable, "-m", "pcn_ep", "report", str(tmp_path), "--out", str(tmp_path / "pub"),
          "--publish"], capture_output=True, text=True, timeout=300,
         env={**os.environ, "WANDB_MODE": "offline"})
     assert published.returncode == 0, published.stderr[-2000:]
-    assert list((tmp_path / "pub" / "wandb").glob("offline-run-*/run-*.wandb"))
+    (section,) = json.loads((tmp_path / "pub" / "wandb_report.json").read_text())["sections"]
+    assert section["runset"]["filters"] == \
+        f"Metric(\"Group\") == '{wandb_run.table}' and Config(\"smoke\") == {wandb_run.smoke}"
 
 
 def test_diverged_runs_are_results_marked_nan(tmp_path):

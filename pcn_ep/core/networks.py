@@ -159,7 +159,16 @@ def _conv_stack(
 
 
 class MLP(PCN):
-    """Dense ReLU layers of the given widths, then a linear output (the parity and toy network)."""
+    """Dense ReLU layers of the given widths, then a linear output (the parity and toy network).
+
+    Args:
+        in_features: size of one input vector.
+        num_classes: outputs of the linear output layer.
+        hidden: the width of each hidden ReLU layer.
+        gain: initialization gain γ of the hidden layers' weights, U(±γ/√fan) (App. B.2).
+        output_gain: initialization gain of the output layer (Fig. 3 uses 0.2).
+        bias_init: ``uniform`` (PyTorch's default, U(±1/√fan_in)) or ``zeros``.
+    """
 
     def __init__(
         self,
@@ -190,6 +199,17 @@ class VGG5(PCN):
     builds on. ``variant="5conv"``: the six rows of the extracted table (conv128, conv256-pool,
     conv512-pool, conv512-pool, conv512-pool, dense). Spec §4 flags the discrepancy.
     Convs use fan_in (spec Eq. 21); ``output_gain=0.2`` is Fig. 3's variant.
+
+    Args:
+        in_channels: channels of the input images (1 for MNIST, 3 for colour).
+        num_classes: outputs of the linear output layer.
+        input_size: side of the square input images (at least 16: four 2×2 max-pools).
+        width_mult: scales every conv's channels (1: 128-256-512-512).
+        variant: ``4conv`` (four convs, the default) or ``5conv`` (the extracted table's five).
+        gain: initialization gain γ of the hidden layers' weights, U(±γ/√fan) (App. B.2).
+        output_gain: initialization gain of the output layer (Fig. 3 uses 0.2).
+        conv_fan_mode: the fan of the conv weights' initialization: ``fan_in`` or ``fan_out``.
+        bias_init: ``uniform`` (PyTorch's default, U(±1/√fan_in)) or ``zeros``.
     """
 
     SPECS = {
@@ -226,6 +246,18 @@ class VGG10(PCN):
 
     Conv weights use fan_out (spec Eq. 21). ``width_mult`` scales every conv and the hidden dense
     layer, so tests can run the real topology small.
+
+    Args:
+        in_channels: channels of the input images.
+        num_classes: outputs of the linear output layer.
+        input_size: side of the square input images (at least 32: five 2×2 max-pools).
+        width_mult: scales every conv and the hidden dense layer (1: the paper's widths).
+        fc_width: width of the hidden dense layer before ``width_mult``.
+        gain: initialization gain γ of the hidden layers' weights, U(±γ/√fan) (App. B.2).
+        output_gain: initialization gain of the output layer (Fig. 3 uses 0.2).
+        conv_fan_mode: the fan of the conv weights' initialization: ``fan_out`` or ``fan_in``.
+        bias_init: ``uniform`` (PyTorch's default, U(±1/√fan_in)) or ``zeros``.
+        skips: ``{target layer: source state}`` for strided 1×1 conv skips (``VGG10Skip``).
     """
 
     SPEC = [(64, True), (128, True), (256, False), (256, True), (512, False), (512, True),
@@ -267,6 +299,17 @@ class VGG10Skip(VGG10):
     ε_k = h_k − f_k(h_{k-1}, h_s) and h_s receives top-down error both from layer s+1 and from layer k.
     The skip is added before the pool, where both paths have the same resolution (stride 2 in both
     skips: 56→28 into layer 5, 28→14 into layer 8's conv output); the paper does not say [?].
+
+    Args:
+        in_channels: channels of the input images.
+        num_classes: outputs of the linear output layer.
+        input_size: side of the square input images (at least 32: five 2×2 max-pools).
+        width_mult: scales every conv and the hidden dense layer (1: the paper's widths).
+        fc_width: width of the hidden dense layer before ``width_mult``.
+        gain: initialization gain γ of the hidden layers' weights, U(±γ/√fan) (App. B.2).
+        output_gain: initialization gain of the output layer (Fig. 3 uses 0.2).
+        conv_fan_mode: the fan of the conv weights' initialization: ``fan_out`` or ``fan_in``.
+        bias_init: ``uniform`` (PyTorch's default, U(±1/√fan_in)) or ``zeros``.
     """
 
     def __init__(

@@ -83,7 +83,7 @@ class TensorDataModule(L.LightningDataModule):
 
     Args:
         batch_size: per-process batch size.
-        seed: seeds the split and the shuffling.
+        seed: seeds the split and the shuffling (the order depends only on seed and epoch).
         drop_last: drop the last incomplete training batch.
     """
 

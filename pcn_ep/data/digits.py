@@ -12,11 +12,14 @@ class DigitsDataModule(TensorDataModule):
 
     Args:
         image_size: side after bilinear upsampling from 8 (16 or 32 suit the VGG nets' pools).
-        val_fraction / test_fraction: shares of the 1,797 images (stratified by class).
+        val_fraction: share of the 1,797 images held out for validation (stratified by class).
+        test_fraction: share of the images held out for testing (stratified by class).
         flatten: give vectors instead of 1×S×S images (for an MLP).
         max_shift: training augmentation, a random translation of up to this many pixels per axis
             (after upsampling; 0 = off). Drawn from (seed, global step): resuming replays it.
-        batch_size, seed, drop_last: see ``TensorDataModule``.
+        batch_size: per-process batch size.
+        seed: seeds the split, the shuffling and the shifts (the configs: ``${seed_everything}``).
+        drop_last: drop the last incomplete training batch.
     """
 
     num_classes = 10

@@ -10,7 +10,8 @@ ImageNet recipe, configurable):
   aspect ratio (3/4, 4/3), then horizontal flip;
 - train, ``train_crop: random``: resize the short side to ``val_resize`` (256), center 256², random
   224² crop (done on the device), horizontal flip;
-- validation / test: resize the short side to 256 and center-crop 224 (FFCV: crop ratio 224/256).
+- validation / test: resize the short side to 256 and center-crop 224 (FFCV: crop ratio 224/256);
+  at another ``image_size`` the resize follows it (``val_resize``: image_size × 8/7 unless set).
 
 Batch size is per process: under DDP with N GPUs the global batch is N × ``batch_size`` (the paper
 ran batch 256 on one GPU; for the same global batch on 8 GPUs use 32, or keep 256 per GPU and scale
@@ -29,19 +30,28 @@ from .base import DataError, step_generator
 from .images import STATS, normalize, random_crops
 
 MEAN, STD = STATS["imagenet"]
+GRAY = ((sum(MEAN) / 3,), (sum(STD) / 3,))  # one-channel images: the mean of the channels' statistics
 
 
 class ImageNetDataModule(L.LightningDataModule):
     """ImageNet (or any ImageFolder-shaped data set) for the VGG10 runs.
 
     Args:
-        train_path / val_path: .beton files (``backend: ffcv``, written by ``python -m pcn_ep
-            write-ffcv``) or ImageFolder roots (``backend: folder``). ``val_path`` also serves test.
+        train_path: the training .beton file (``backend: ffcv``, written by ``python -m pcn_ep
+            write-ffcv``) or ImageFolder root (``backend: folder``).
+        val_path: the validation .beton file or ImageFolder root; it also serves ``test``.
+        backend: ``ffcv`` (.beton files) or ``folder`` (torchvision ImageFolder trees).
         num_classes: classes the data must have (checked against the labels of the folder / file).
-        image_size, val_resize, train_crop, min_scale: the crop recipe above.
-        batch_size: per process. num_workers: decoding workers per process.
+        image_size: side of the square crop the network sees.
+        val_resize: evaluation resizes the short side to this, then center-crops ``image_size``;
+            null: ``image_size`` × 8/7 (256 at 224).
+        train_crop: ``random_resized`` or ``random`` (the crop recipe above).
+        min_scale: the smallest area fraction a ``random_resized`` training crop covers.
+        batch_size: per process (the global batch is the number of processes times this).
+        num_workers: decoding workers per process.
         drop_last: drop the last incomplete training batch (FFCV's ImageNet recipe does).
         os_cache: FFCV reads through the OS page cache (fast when the file fits in RAM).
+        seed: seeds FFCV's shuffling and the device-side random crops.
 
     ``setup`` checks the paths, that FFCV is installed, the class count and that the labels are in
     range; an unreadable image in a folder fails when loaded, naming the file. ``num_classes`` and
@@ -55,7 +65,7 @@ class ImageNetDataModule(L.LightningDataModule):
         backend: str = "ffcv",
         num_classes: int = 1000,
         image_size: int = 224,
-        val_resize: int = 256,
+        val_resize: int | None = None,
         train_crop: str = "random_resized",
         min_scale: float = 0.08,
         batch_size: int = 256,
@@ -71,8 +81,13 @@ class ImageNetDataModule(L.LightningDataModule):
             raise ValueError(f"train_crop must be 'random_resized' or 'random', got {train_crop!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        val_resize = round(image_size * 8 / 7) if val_resize is None else val_resize
+        if val_resize < image_size:
+            raise ValueError(f"val_resize {val_resize} is smaller than image_size {image_size}: "
+                             "evaluation could not crop the image (leave val_resize null)")
         self.train_path, self.val_path = Path(train_path), Path(val_path)
-        self.backend, self.num_classes = backend, num_classes
+        self.test_path = self.val_path
+        self.backend, self.num_classes, self.channels = backend, num_classes, 3
         self.image_size, self.val_resize = image_size, val_resize
         self.train_crop, self.min_scale = train_crop, min_scale
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
@@ -108,8 +123,8 @@ class ImageNetDataModule(L.LightningDataModule):
                                     f"({len(bad)} such labels)")
 
     def example_shape(self) -> tuple[int, ...]:
-        """The shape of one normalized input: (3, image_size, image_size), both backends."""
-        return (3, self.image_size, self.image_size)
+        """The shape of one normalized input: (channels, image_size, image_size), both backends."""
+        return (self.channels, self.image_size, self.image_size)
 
     # -- loaders -----------------------------------------------------------------------------
     @property
@@ -155,8 +170,9 @@ class ImageNetDataModule(L.LightningDataModule):
         else:
             crop = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.image_size)]
         flip = [v2.RandomHorizontalFlip()] if train else []
+        color = [v2.RGB()] if self.channels == 3 else [v2.Grayscale()]
         dataset = ImageFolder(str(path), loader=_decode, transform=v2.Compose(
-            [v2.PILToTensor(), v2.RGB()] + crop + flip))
+            [v2.PILToTensor()] + color + crop + flip))
         # Under DDP Lightning replaces the sampler by a DistributedSampler, which pads the last
         # rank's share with repeated examples so that every rank gets the same number of batches.
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train,
@@ -175,7 +191,7 @@ class ImageNetDataModule(L.LightningDataModule):
         return self._loader(self.val_path, False)
 
     def test_dataloader(self):
-        return self._loader(self.val_path, False)
+        return self._loader(self.test_path, False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
@@ -183,7 +199,7 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.train_crop == "random" and trainer is not None and trainer.training:
             x = random_crops(x, (self.image_size, self.image_size),
                              step_generator(self.seed, trainer))
-        return normalize(x, MEAN, STD), y.long().view(-1)
+        return normalize(x, *((MEAN, STD) if self.channels == 3 else GRAY)), y.long().view(-1)
 
 
 def _decode(path: str):

@@ -188,7 +188,10 @@ class ImageDataModule(TensorDataModule):
         dataset: ``mnist``, ``cifar10``, ``cifar100`` or ``imagenet32``.
         root: the folder that holds the data set's files (see the ``read_*`` functions).
         val_size: examples held out of the training split for validation (0: validate on test).
-        batch_size, seed, drop_last: see ``TensorDataModule``.
+        batch_size: per-process batch size.
+        seed: seeds the validation hold-out, the shuffling and the augmentation (the configs:
+            ``${seed_everything}``).
+        drop_last: drop the last incomplete training batch.
     """
 
     DATASETS = {"mnist": (10, "mnist", 0, False), "cifar10": (10, "cifar10", 4, True),

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.write_mode, args.compress_probability, args.workers,
                             args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as err:
-        print(f"write-ffcv: error: {err}", file=sys.stderr)
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {report['images']} images of {report['classes']} classes to {report['out']}")
     return 0

@@ -15,9 +15,9 @@ For each table it writes
 ``OUT_DIR/TABLE.png``: a β×K heat map (Fig. 2), scheme bars (Fig. 1), F-vs-K curves (Fig. 8),
 traversal heat maps (Fig. 5) or test-error training curves (the others; BP dashed).
 
-``--publish`` also logs the tables and figures to W&B (project ``--wandb-project``, job type
-``report``): online with an API key, otherwise into an offline run under OUT_DIR that ``wandb sync``
-uploads later.
+``--publish`` also builds the W&B Report of these tables (``wandb_report``); without a W&B key or
+network it writes the Report's specification to ``OUT_DIR/wandb_report.json`` and says how to
+publish it later.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Run:
     table: str
     labels: dict
     seed: int
-    status: str                                    # ok | diverged | failed | running | unknown
+    status: str                                    # ok|diverged|failed|stopped|running|unknown
     smoke: bool = False                            # a --smoke run (digits, tiny nets)
     final: dict = field(default_factory=dict)      # metric → value (fraction)
     curves: dict = field(default_factory=dict)     # metric → {epoch: value}
@@ -342,6 +342,9 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool 
         lines += [f"- {c}" for c in info["claims"]]
     if any(r.status == "failed" for r in runs):
         lines += ["", "Some runs failed: see their log.txt; a failed run gives no numbers."]
+    if any(r.status == "stopped" for r in runs):
+        lines += ["", "stopped: a run stopped by a signal after saving last.ckpt (a preempted "
+                  "job); rerunning the table resumes it. It gives no numbers yet."]
     if any(r.status in ("unknown", "running") for r in runs):
         lines += ["", "unknown / running: a W&B run folder with no run.json beside it and no status "
                   "written by the CLI. The logger's exit code is not the run's (a run that fails its "
@@ -560,24 +563,32 @@ def figure(table: str, runs: list[Run], cells: dict, path: Path, paper: dict | N
 
 
 # -- entry points -------------------------------------------------------------------------------
-def write_report(results: Path, out: Path, tables: list[str] | None = None,
-                 smoke: bool | None = None) -> list[Path]:
-    """Write TABLE.md and TABLE.png for every table with runs of the results root ``results``;
-    return the paths. ``smoke``: report the smoke (True) or real (False) runs; default: what
-    ``reproduce`` marked the root as, else real runs if there are any, else smoke runs."""
+def collect(results: Path, smoke: bool | None = None) -> tuple[bool, dict, dict]:
+    """The runs of the results root ``results`` by table: (smoke?, {table: runs reported},
+    {table: number of runs of the other kind left out}). ``smoke``: report the smoke (True) or
+    real (False) runs; default: what ``reproduce`` marked the root as, else real runs if there are
+    any, else smoke runs."""
     everything = read_runs(results)
-    nested = nested_roots(results)
     if not everything:
+        nested = nested_roots(results)
         hint = f" (other results roots inside it: {', '.join(map(str, nested))})" if nested else ""
         raise FileNotFoundError(f"no runs (run.json or W&B run folders) under {results}{hint}")
     smoke, runs, left = split_kind(everything, root_kind(results) if smoke is None else smoke)
-    paper = paper_results()
     by_table: dict[str, list[Run]] = defaultdict(list)
     left_by_table: dict[str, int] = defaultdict(int)
     for run in runs:
         by_table[run.table].append(run)
     for run in left:
         left_by_table[run.table] += 1
+    return smoke, by_table, left_by_table
+
+
+def write_report(results: Path, out: Path, tables: list[str] | None = None,
+                 smoke: bool | None = None) -> list[Path]:
+    """Write TABLE.md and TABLE.png for every table with runs of the results root ``results``
+    (``smoke`` as in ``collect``); return the paths."""
+    smoke, by_table, left_by_table = collect(results, smoke)
+    paper = paper_results()
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in tables or sorted(by_table):
@@ -596,22 +607,6 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
     return written
 
 
-def publish(paths: list[Path], project: str, out: Path) -> None:
-    """Log the Markdown tables and PNG figures to one W&B run of job type ``report``."""
-    import wandb
-
-    from ..training.loggers import wandb_offline
-
-    run = wandb.init(project=project, job_type="report", dir=str(out),
-                     mode="offline" if wandb_offline() else "online")
-    for path in paths:
-        if path.suffix == ".png":
-            run.log({f"figures/{path.stem}": wandb.Image(str(path))})
-        else:
-            run.log({f"tables/{path.stem}": wandb.Html(f"<pre>{path.read_text()}</pre>")})
-    run.finish()
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pcn_ep report", description=__doc__.split("\n")[0])
     p.add_argument("results", type=Path)
@@ -622,23 +617,31 @@ def parser() -> argparse.ArgumentParser:
                       help="report the smoke runs (default: the folder's kind, else real runs if any)")
     kind.add_argument("--real", dest="smoke", action="store_const", const=False,
                       help="report the real (non-smoke) runs")
-    p.add_argument("--publish", action="store_true", help="also log the report to W&B")
-    p.add_argument("--wandb-project", default="pcn-ep")
+    p.add_argument("--publish", action="store_true",
+                   help="also build the W&B Report (one section per table); without a W&B key or "
+                        "network, write its specification to OUT_DIR/wandb_report.json")
+    p.add_argument("--wandb-project", default="pcn-ep",
+                   help="the project the runs were logged to (reproduce's --wandb-project)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.results.is_dir():
-        print(f"report: error: results folder not found: {args.results}", file=sys.stderr)
+        print(f"pcn_ep: error: results folder not found: {args.results}", file=sys.stderr)
         return 1
     try:
         paths = write_report(args.results, args.out, args.tables, args.smoke)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
-        print(f"report: error: {err}", file=sys.stderr)
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 1
     for path in paths:
         print(f"wrote {path}")
     if args.publish:
-        publish(paths, args.wandb_project, args.out)
+        from .wandb_report import publish_or_describe
+
+        line, code = publish_or_describe(args.results, args.out, args.tables, args.smoke,
+                                         args.wandb_project)
+        print(line, file=sys.stderr if code else sys.stdout)
+        return code
     return 0

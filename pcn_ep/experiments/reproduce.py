@@ -18,14 +18,19 @@ marked in ``.pcn_ep-results.json``): the report of a folder never mixes them.
 
 Scheduling: with G GPUs, VGG5 cells run G at a time, one GPU each; VGG10 cells use all G GPUs in one
 DDP run (the paper trained each run on one A100: the global batch is then G × 256, see README). On a
-CPU, ``--jobs`` processes share the cores.
+CPU, ``--jobs`` processes share the cores. ``--launcher slurm`` submits each run as a SLURM job
+through submitit instead (``SlurmRun``): a job stopped by its time limit or a preemption is requeued
+and resumes from its run's ``last.ckpt``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +45,9 @@ from .tables import TABLES, Cell, Table
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 MARKER = ".pcn_ep-results.json"  # in each results root: {"smoke": bool}; report reads one root
+SLURM_CLUSTER = "slurm"           # submitit's executor for --launcher slurm ("local" in the tests)
+SIGNAL_DELAY_S = 120              # SLURM signals a job this long before its time limit
+REQUEUES = 100                    # time-outs a run may be requeued after (preemptions do not count)
 # -- one run ------------------------------------------------------------------------------------
 def data_overrides(config: str, roots: dict[str, str]) -> dict:
     """Point a config at the user's data: ``--data-root cifar100=/x`` (ImageDataModule roots) or
@@ -56,7 +64,7 @@ def data_overrides(config: str, roots: dict[str, str]) -> dict:
 
 def missing_data(cells: list[Cell], roots: dict[str, str], extra: dict) -> dict[str, str]:
     """The data sets the cells need that are not where their runs would look: {NAME: path}.
-    A run starts in the repository root, so a config's relative root is relative to it."""
+    A run starts where reproduce was started, so a config's relative root is relative to it."""
     missing = {}
     for cell in cells:
         spec = dict(yaml.safe_load((CONFIGS / cell.config).read_text())["data"]["init_args"])
@@ -64,11 +72,11 @@ def missing_data(cells: list[Cell], roots: dict[str, str], extra: dict) -> dict[
                      for k, v in {**data_overrides(cell.config, roots), **cell.overrides,
                                   **extra}.items() if k.startswith("data.init_args.")})
         if "dataset" in spec and "root" in spec:
-            if not (ROOT / str(spec["root"])).is_dir():
+            if not Path(str(spec["root"])).is_dir():
                 missing.setdefault(spec["dataset"], str(spec["root"]))
         elif "train_path" in spec:
             for key in ("train_path", "val_path"):
-                if not (ROOT / str(spec[key])).is_file():
+                if not Path(str(spec[key])).is_file():
                     missing.setdefault("imagenet", str(spec[key]))
     return missing
 
@@ -77,7 +85,7 @@ def data_error(table: str, missing: dict[str, str]) -> str:
     flags = " ".join(f"--data-root {name}=" + ("DIR" if name == "imagenet" else "PATH")
                      for name in missing)
     found = ", ".join(f"{name} ({path} not found)" for name, path in missing.items())
-    return (f"reproduce: error: {table} needs data it cannot find: {found}. Pass {flags}"
+    return (f"pcn_ep: error: {table} needs data it cannot find: {found}. Pass {flags}"
             + (" (imagenet: DIR holds train.beton and val.beton)" if "imagenet" in missing else "")
             + ", or --smoke for the embedded digits")
 
@@ -143,31 +151,198 @@ def run_folder(out: Path, table: Table, cell: Cell, seed: int) -> Path:
 
 
 def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
-            gpus: list[int]) -> dict:
+            gpus: list[int], devices: int | None = None, job: "SlurmRun | None" = None) -> dict:
+    """Run one (cell, seed) in its folder unless it already ended ok or diverged; return its record.
+    ``devices`` defaults to ``len(gpus)``; ``job``: the SLURM job running it (its rank, and the
+    process it stops when SLURM signals the job)."""
     run_dir = run_folder(args.out, table, cell, seed)
     record_path = run_dir / "run.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record["status"] in ("ok", "diverged"):
-            return record
+    if finished(run_dir):
+        return json.loads(record_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command(table, cell, seed, run_dir, args, len(gpus))
+    cmd = command(table, cell, seed, run_dir, args, len(gpus) if devices is None else devices)
     env = dict(os.environ)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    rank = job.rank() if job else 0
     start = time.time()
-    with open(run_dir / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    lines = (run_dir / "log.txt").read_text(errors="replace").replace("\r", "\n").splitlines()
+    # appended: a requeued run keeps the log of its earlier attempts
+    with open(run_dir / ("log.txt" if not rank else f"log.rank{rank}.txt"), "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        offset = log.tell()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=job.child_setup if job else None)
+        if job:
+            job.child = proc
+        rc = proc.wait()
+    with open(log.name, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
     error = next((l for l in reversed(lines) if "error:" in l), lines[-1] if lines else "")
-    status = "ok" if rc == 0 else ("diverged" if "diverged" in error else "failed")
+    # 143: stopped by SIGTERM/SIGUSR1 after saving last.ckpt; the next attempt resumes from it
+    status = ("ok" if rc == 0 else "stopped" if rc == 143
+              else "diverged" if "diverged" in error else "failed")
     record = {"table": table.name, "cell": cell.labels, "seed": seed, "config": cell.config,
               "smoke": args.smoke, "status": status, "returncode": rc,
               "error": None if rc == 0 else error.strip(), "wall_s": round(time.time() - start, 1),
               "command": cmd}
-    record_path.write_text(json.dumps(record, indent=1))
+    if os.environ.get("SLURM_JOB_ID"):
+        record["slurm_job"] = os.environ["SLURM_JOB_ID"]
+    if not rank:  # one record per run: DDP ranks > 0 only log
+        record_path.write_text(json.dumps(record, indent=1))
     return record
+
+
+# -- SLURM through submitit -------------------------------------------------------------------
+def preempt_signal() -> signal.Signals:
+    """The signal submitit asks SLURM to send before a time limit or preemption (USR2 by default)."""
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG")]
+
+
+class SlurmRun:
+    """One run as a submitit job, following submitit's checkpointing protocol: ``__call__`` runs
+    it; ``checkpoint`` is what submitit calls when SLURM signals the job (its time limit is near, or
+    it is preempted). It stops the fit process as the CLI stops for SIGTERM (``last.ckpt`` after the
+    current step, exit 143) and hands submitit this same object to requeue: the requeued job builds
+    its command again, and ``command`` resumes a run folder holding ``last.ckpt``."""
+
+    def __init__(self, table: Table, cell: Cell, seed: int, args: argparse.Namespace,
+                 devices: int) -> None:
+        self.table, self.cell, self.seed, self.args, self.devices = table, cell, seed, args, devices
+        self.child: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "child": None}  # a process does not travel in the pickle
+
+    def __call__(self) -> dict:
+        return run_one(self.table, self.cell, self.seed, self.args, [], self.devices, job=self)
+
+    @staticmethod
+    def rank() -> int:
+        """The task's rank: a DDP run is one SLURM task per GPU, and Lightning reads the same."""
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+
+    @staticmethod
+    def child_setup() -> None:
+        """In the fit process: SLURM signals every process of the job, but only this wrapper
+        handles submitit's signal (the fit process would die of it before saving)."""
+        signal.signal(preempt_signal(), signal.SIG_IGN)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        child, self.child = self.child, None
+        if child is not None and child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+            # os.waitpid, not child.wait(): the interrupted child.wait() below us holds its lock
+            deadline = time.time() + SIGNAL_DELAY_S - 20
+            while time.time() < deadline:
+                try:
+                    if os.waitpid(child.pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:  # already reaped
+                    break
+                time.sleep(0.2)
+        return DelayedSubmission(self)
+
+
+def slurm_minutes(text: str) -> int:
+    """SLURM's time limit in minutes, from MINUTES, HH:MM:SS or D-HH:MM:SS."""
+    match = re.fullmatch(r"(\d+)|(?:(\d+)-)?(\d+):(\d\d):(\d\d)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expects MINUTES, HH:MM:SS or D-HH:MM:SS, got {text!r}")
+    if match[1]:
+        return int(match[1])
+    days, hours, mins, secs = (int(g or 0) for g in match.groups()[1:])
+    return max(1, days * 1440 + hours * 60 + mins + math.ceil(secs / 60))
+
+
+def slurm_gpus(table: Table, args: argparse.Namespace) -> int:
+    """GPUs per job: none for --smoke (CPU jobs), else --gpus-per-run, default 1 (8 for a DDP table)."""
+    if args.smoke:
+        return 0
+    return args.gpus_per_run if args.gpus_per_run is not None else (8 if table.ddp else 1)
+
+
+def slurm_parameters(table: Table, args: argparse.Namespace) -> dict:
+    """submitit's parameters of each job: one node, one task per GPU (Lightning's SLURM layout)."""
+    gpus = slurm_gpus(table, args)
+    params = {"nodes": 1, "tasks_per_node": max(1, gpus), "gpus_per_node": gpus,
+              "cpus_per_task": args.cpus_per_task, "timeout_min": args.time,
+              "slurm_signal_delay_s": SIGNAL_DELAY_S,
+              "slurm_additional_parameters": {"requeue": True}}
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    if args.account:
+        params["slurm_account"] = args.account
+    return params
+
+
+def slurm_header(table: Table, args: argparse.Namespace, jobs: int) -> str:
+    """What each job asks SLURM for, as sbatch flags (printed by --dry-run)."""
+    p, gpus = slurm_parameters(table, args), slurm_gpus(table, args)
+    flags = [f"--partition={args.partition}"] * bool(args.partition)
+    flags += [f"--account={args.account}"] * bool(args.account)
+    flags += [f"--nodes=1 --ntasks-per-node={p['tasks_per_node']}"]
+    flags += [f"--gpus-per-node={gpus}"] * bool(gpus)
+    flags += [f"--cpus-per-task={args.cpus_per_task} --time={args.time}",
+              f"--signal=USR2@{SIGNAL_DELAY_S} --requeue"]
+    return (f"# would submit {jobs} SLURM jobs through submitit, each: {' '.join(flags)}; "
+            "requeued at its time limit or on preemption, resuming from its last.ckpt; each runs:")
+
+
+def submit(table: Table, runs: list, args: argparse.Namespace) -> int:
+    """Submit one SLURM job per unfinished run; with --wait, wait for them and report."""
+    try:
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=args.out / table.name / ".submitit",
+                                         cluster=SLURM_CLUSTER, slurm_max_num_timeout=REQUEUES)
+        executor.update_parameters(**slurm_parameters(table, args))
+    except ImportError:
+        print("pcn_ep: error: --launcher slurm needs submitit: pip install submitit",
+              file=sys.stderr)
+        return 2
+    except (RuntimeError, ValueError) as err:  # no srun on this host, a parameter SLURM refuses
+        print(f"pcn_ep: error: cannot submit to SLURM: {' '.join(str(err).split())}",
+              file=sys.stderr)
+        return 2
+    # as here: a CPU job's threads take its CPUs, a GPU run's few (its data loaders have workers)
+    args.threads = min(4, args.cpus_per_task) if slurm_gpus(table, args) else args.cpus_per_task
+    jobs = []
+    for cell, seed in runs:
+        executor.update_parameters(name=f"{table.name}/{cell.name}/seed{seed}")
+        job = executor.submit(SlurmRun(table, cell, seed, args, slurm_gpus(table, args)))
+        jobs.append((cell, seed, job))
+    print(f"{table.title}: submitted {len(jobs)} SLURM jobs ({jobs[0][2].job_id}"
+          f"{f' … {jobs[-1][2].job_id}' if len(jobs) > 1 else ''}) -> {args.out / table.name}; "
+          f"job logs in {args.out / table.name / '.submitit'}", flush=True)
+    if not args.wait:
+        print(f"when they have ended: python -m pcn_ep report {args.out} --out {args.out / 'report'}"
+              " (rerun this command to resubmit runs that did not finish)")
+        return 0
+    failures = []
+    for cell, seed, job in jobs:
+        try:
+            record = job.result()
+        except Exception as err:  # the job itself failed (submitit's error holds the traceback)
+            record = {"status": "failed", "wall_s": 0.0,
+                      "error": f"SLURM job {job.job_id}: {str(err).strip().splitlines()[-1]}"}
+        print(f"  {record['status']:<8} {record['wall_s']:7.1f} s  {cell.name} seed={seed}"
+              + (f"  ({record['error']})" if record["error"] else ""), flush=True)
+        if record["status"] not in ("ok", "diverged"):
+            failures.append((cell, seed, record))
+    if failures:
+        cell, seed, record = failures[0]
+        print(f"pcn_ep: error: {len(failures)} run(s) did not end ok, first {cell.labels} seed "
+              f"{seed}: {record['error']} (log: {run_folder(args.out, table, cell, seed)})",
+              file=sys.stderr)
+        return 1
+    return write_table_report(table, args)
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -203,7 +378,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true",
                    help="print each run's command (e.g. to submit them to a job scheduler), run "
-                        "none; GPU commands unless --gpus 0")
+                        "none; GPU commands unless --gpus 0; with --launcher slurm, also what "
+                        "each job asks SLURM for")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local (default): run here; slurm: submit each run as a SLURM job "
+                        "through submitit, requeued at its time limit or on preemption, resuming "
+                        "from its last.ckpt (--gpus and --jobs do not apply)")
+    slurm = p.add_argument_group("--launcher slurm")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--gpus-per-run", type=int, default=None,
+                       help="default 1, or 8 for a table whose runs use DDP (table_top5); "
+                            "--smoke submits CPU jobs")
+    slurm.add_argument("--time", type=slurm_minutes, default="24:00:00",
+                       help="each job's time limit, MINUTES or [D-]HH:MM:SS (default 24:00:00): "
+                            "a run that needs longer is requeued and goes on from last.ckpt")
+    slurm.add_argument("--cpus-per-task", type=int, default=8,
+                       help="CPUs per task, i.e. per GPU (default 8): the data loader's workers")
+    slurm.add_argument("--wait", action="store_true",
+                       help="wait for the jobs to end, then write the report")
     return p
 
 
@@ -232,7 +425,7 @@ def claim_root(out: Path, smoke: bool) -> str | None:
                 other = "smoke" if not smoke else "real"
                 break
     if other:
-        return (f"reproduce: error: {out} holds {other} runs: {kind} runs need their own results "
+        return (f"pcn_ep: error: {out} holds {other} runs: {kind} runs need their own results "
                 f"folder (--out; the default is results/ for real runs, results/smoke/ for smoke)")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"smoke": smoke}) + "\n")
@@ -258,29 +451,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     table = TABLES[args.table]
     if not CONFIGS.is_dir():
-        print(f"reproduce: error: {CONFIGS} not found: run from a checkout of the repository "
+        print(f"pcn_ep: error: {CONFIGS} not found: run from a checkout of the repository "
               "installed with pip install -e .", file=sys.stderr)
         return 2
     try:
         args.data_root, args.set = _pairs(args.data_root, "--data-root"), _pairs(args.set, "--set")
     except ValueError as err:
-        print(f"reproduce: error: {err}", file=sys.stderr)
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 2
     for name, root in args.data_root.items():
         if not Path(root).exists():
-            print(f"reproduce: error: --data-root {name}: {root} does not exist", file=sys.stderr)
+            print(f"pcn_ep: error: --data-root {name}: {root} does not exist", file=sys.stderr)
             return 2
-        args.data_root[name] = str(Path(root).resolve())  # runs start in the repository root
+        args.data_root[name] = str(Path(root).resolve())  # absolute in the logged commands
     if args.energy_ckpt:
         args.energy_ckpt = str(Path(args.energy_ckpt).resolve())
-    args.out = (args.out or ROOT / ("results/smoke" if args.smoke else "results")).resolve()
+    args.out = (args.out or Path("results/smoke" if args.smoke else "results")).resolve()
     runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
     if not args.smoke and not args.dry_run:  # before the first run, not 57 s into it
         missing = missing_data([cell for cell, _ in runs], args.data_root, args.set)
         if missing:
             print(data_error(table.name, missing), file=sys.stderr)
             return 2
-    if args.gpus is None:
+    if args.gpus is None and args.launcher == "local":
         import torch
 
         args.gpus = 0 if args.smoke else torch.cuda.device_count()
@@ -290,15 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(error, file=sys.stderr)
         return 2
+    if args.launcher == "slurm":
+        return launch_slurm(table, runs, args)
     if args.dry_run:
         devices = 0 if not args.gpus else (args.gpus if table.ddp else 1)
-
-        def lines():
-            for cell, seed in runs:
-                run_dir = run_folder(args.out, table, cell, seed)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                yield shlex.join(command(table, cell, seed, run_dir, args, devices))
-        return print_commands(lines())
+        return print_commands(command_lines(table, runs, args, devices))
     slots = gpu_slots(args.gpus, table.ddp)
     jobs = len(slots) or args.jobs or (2 if args.smoke else 1)
     # CPU runs share the cores; a GPU run needs few threads (its data loaders have their workers).
@@ -320,16 +509,46 @@ def main(argv: list[str] | None = None) -> int:
                     free.append(gpus)
         print(f"  {record['status']:<8} {record['wall_s']:7.1f} s  {cell.name} seed={seed}"
               + (f"  ({record['error']})" if record["error"] else ""), flush=True)
-        if record["status"] == "failed":
+        if record["status"] not in ("ok", "diverged"):  # failed, or stopped by a signal
             failures.append(record)
 
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(execute, runs))
     if failures:
         failed = failures[0]
-        print(f"reproduce: error: run {failed['cell']} seed {failed['seed']} failed: "
+        print(f"pcn_ep: error: run {failed['cell']} seed {failed['seed']} failed: "
               f"{failed['error']} (log: {args.out / table.name})", file=sys.stderr)
         return 1
+    return write_table_report(table, args)
+
+
+def command_lines(table: Table, runs: list, args: argparse.Namespace, devices: int):
+    """--dry-run: each run's command, one a line."""
+    for cell, seed in runs:
+        run_dir = run_folder(args.out, table, cell, seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        yield shlex.join(command(table, cell, seed, run_dir, args, devices))
+
+
+def launch_slurm(table: Table, runs: list, args: argparse.Namespace) -> int:
+    """--launcher slurm: the runs that have not ended, printed (--dry-run) or submitted."""
+    runs = [(c, s) for c, s in runs if not finished(run_folder(args.out, table, c, s))]
+    if args.dry_run:
+        return print_commands([slurm_header(table, args, len(runs)),
+                               *command_lines(table, runs, args, slurm_gpus(table, args))])
+    if not runs:
+        print(f"{table.title}: every run has ended (ok or diverged) under {args.out / table.name}")
+        return write_table_report(table, args)
+    return submit(table, runs, args)
+
+
+def finished(run_dir: Path) -> bool:
+    """The run ended ok or diverged: a rerun (or a resubmission) skips it."""
+    record = run_dir / "run.json"
+    return record.exists() and json.loads(record.read_text())["status"] in ("ok", "diverged")
+
+
+def write_table_report(table: Table, args: argparse.Namespace) -> int:
     if not args.no_report:
         from .report import write_report
 

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.suite == "gpu":
         if not torch.cuda.is_available():
-            print("bench: error: --suite gpu needs a CUDA device; none is visible", file=sys.stderr)
+            print("pcn_ep: error: --suite gpu needs a CUDA device; none is visible", file=sys.stderr)
             return 2
         table = gpu_suite(args)
         with open(args.out, "w") as f:
@@ -339,23 +339,55 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        print("pcn_ep: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     try:
         report = memory(args) if args.memory else run(args)
     except ValueError as err:
-        print(f"bench: error: {err}", file=sys.stderr)
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report))
     elif args.memory:
-        print(f"peak memory of one training step, slope between batch {args.batch_sizes} "
+        b1, b2 = args.batch_sizes
+        print(configuration(args, report["device"], f"{b1} and {b2}").replace(
+            f"; {args.scheme} EP", "; BP, centered and random EP"))
+        print(f"peak memory of one training step per example: the slope between batch {b1} and {b2} "
               f"({'resident set' if args.device == 'cpu' else 'CUDA allocator'})")
         for method in ("bp", "centered", "random"):
             r = report[method]
             print(f"  {method:>8}: {r['bytes_per_example'] / 2**20:8.1f} MiB per example, "
                   f"projected {r['projected_peak_bytes'] / 2**30:7.2f} GiB at batch {args.at}")
     else:
-        for key, value in report.items():
-            print(f"{key:>14}: {value:.4g}" if isinstance(value, float) else f"{key:>14}: {value}")
+        print(timing_table(args, report))
     return 0
+
+
+def configuration(args: argparse.Namespace, device: str, batch: str | None = None) -> str:
+    """What was measured, in one line: network, input, batch, EP settings, device, precision."""
+    shape = (f"{args.in_channels}×{args.input_size}×{args.input_size}" if args.model != "mlp"
+             else f"{args.in_channels * args.input_size ** 2} features")
+    extras = [name for name, on in (("compiled", args.compile), ("channels-last", args.channels_last))
+              if on]
+    return (f"{args.model.upper()} (width ×{args.width_mult:g}, {args.num_classes} classes), input "
+            f"{shape}, batch {batch or args.batch_size}; {args.scheme} EP, β {args.beta:g}, K {args.K}, "
+            f"{args.rule}, {args.order}; {device}, precision {args.precision}"
+            + "".join(f", {e}" for e in extras))
+
+
+def timing_table(args: argparse.Namespace, report: dict) -> str:
+    """The timing report in human units (ms, GFLOP), EP beside BP."""
+    rows = [("", "EP", "BP", "EP/BP"),
+            ("step time", f"{report['ep_step_s'] * 1e3:.2f} ms", f"{report['bp_step_s'] * 1e3:.2f} ms",
+             f"{report['time_ratio']:.2f}×"),
+            ("FLOPs", f"{report['ep_flops'] / 1e9:.3f} GFLOP", f"{report['bp_flops'] / 1e9:.3f} GFLOP",
+             f"{report['flop_ratio']:.2f}×"),
+            ("kernels", str(report["ep_kernels"]), str(report["bp_kernels"]),
+             f"{report['ep_kernels'] / report['bp_kernels']:.2f}×")]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [configuration(args, report["device"]),
+             f"median of {args.steps} training steps after 2 warm-up steps:"]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append(f"  EP throughput {report['images_per_s']:.1f} images/s"
+                 + (f", MFU {report['mfu']:.1%}" if report["mfu"] is not None else ""))
+    return "\n".join(lines)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         data.setup("validate")
         x, y = next(iter(data.val_dataloader()))
     except (ValueError, FileNotFoundError) as err:
-        print(f"energy: error: {err}", file=sys.stderr)
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 1
     x, y = data.on_after_batch_transfer((x[: args.images], y[: args.images]), 0)
     network = model.network.to(args.device)

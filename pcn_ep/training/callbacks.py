@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as _ModelSummary
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 PARTIAL = ".{name}.partial-{pid}"  # AtomicCheckpointIO's temporary name
@@ -83,7 +86,7 @@ class LastCheckpoint(Callback):
         if (trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run
                 or self._saved_step == trainer.global_step):
             return
-        trainer.save_checkpoint(last_checkpoint_path(trainer))
+        trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -178,7 +181,7 @@ class Preemption(Callback):
         if not signum:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # collective: rank 0 writes, every rank waits for it
+        trainer.save_checkpoint(path, weights_only=False)  # collective: rank 0 writes, all wait
         requeue = None
         if signum == signal.SIGUSR1 and trainer.is_global_zero:
             requeue = requeue_slurm_job()
@@ -222,3 +225,18 @@ class RunFolderLock(Callback):
         if self._file is not None:
             self._file.close()  # closing drops the flock
             self._file = None
+
+
+class ModelSummary(_ModelSummary):
+    """Lightning's model summary without its FLOPs column and total: Lightning counts FLOPs only
+    from the module's example input, which this module cannot have (a batch is an (x, y) pair the
+    data module transforms on the device), so they would read 0."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                  total_training_modes, total_flops, **summarize_kwargs) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size,
+                                      total_training_modes, total_flops, *columns)
+        logging.getLogger(_ModelSummary.__module__).info(
+            "\n" + "\n".join(l for l in table.splitlines() if not l.endswith("Total Flops")))

@@ -3,16 +3,26 @@
 Without ``--config`` the embedded default (``pcn_ep/configs/quickstart.yaml``, shipped inside the
 package) is used, so a fresh install trains a real PCN on scikit-learn's digits with no download.
 Configuration errors (an unknown key, an impossible value) end with one error line and exit 1 or 2.
+
+Configs are parsed in jsonargparse's ``omegaconf+`` mode: ``${seed_everything}`` and
+``${trainer.default_root_dir}`` in a config resolve after every file and override is applied, so
+one ``--seed_everything`` moves the data order, the sign generator and the run folder
+(``runs/CONFIG/seedS``) together unless they are set explicitly.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import logging
+import math
 import signal
 import sys
 import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import jsonargparse
 import lightning as L
 import torch
 import yaml
@@ -22,36 +32,67 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..core import DivergenceError
-from .callbacks import (SIGNALS, STOP, CheckpointWriteError, Preempted, RunFolderBusy, on_signal,
-                        last_checkpoint_path)
+from .callbacks import (SIGNALS, STOP, CheckpointWriteError, ModelSummary, Preempted, RunFolderBusy,
+                        last_checkpoint_path, on_signal)
 from .loggers import WandbLogger as PCNWandbLogger
 from .module import PCNEPModule
 
+PROG = "python -m pcn_ep"
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_CONFIG = files("pcn_ep") / "configs" / "quickstart.yaml"
+HELP = ("-h", "--help")
 
 
 class PCNCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True) -> None:
-        super().__init__(
-            PCNEPModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"plugins": [{"class_path": "pcn_ep.training.callbacks.AtomicCheckpointIO"}]},
-            parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
-            args=args,
-            run=run,
-        )
+        jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        parser_kwargs = {"allow_abbrev": False, "exit_on_error": False, "parser_mode": "omegaconf+"}
+        if run and args and args[0] in SUBCOMMANDS and any(a in HELP for a in args):
+            # --help then shows the values of the config files given, not the classes' defaults
+            parser_kwargs[args[0]] = {"default_config_files": config_paths(args)}
+        try:
+            super().__init__(
+                PCNEPModule,
+                L.LightningDataModule,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"plugins": [{"class_path": "pcn_ep.training.callbacks.AtomicCheckpointIO"}],
+                                  "callbacks": [ModelSummary()]},
+                parser_kwargs=parser_kwargs,
+                auto_configure_optimizers=False,  # the module's SGD + cosine are its own settings
+                args=args,
+                run=run,
+            )
+        except BaseException as err:
+            if run:
+                self.close_wandb(run_status(err))
+            raise
+        if run:
+            self.close_wandb("ok")
+
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        main_kwargs.setdefault("prog", PROG)
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            parser.prog = f"{PROG} {name}"  # jsonargparse would say "PROG [options] fit"
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="evaluate the final weights on the test split after fit")
+        parser.add_argument("--network_from_data", type=bool, default=False,
+                            help="size the network from the data: num_classes, in_channels (or "
+                                 "in_features) and input_size follow the data module's "
+                                 "num_classes and example_shape(), whatever the config says")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI would overwrite the config's model settings with those stored in a
         ``--ckpt_path`` file (but not with ``last``): here the config always decides, and a resume
         with other settings prints one warning (``PCNEPModule._check_resume``)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("network_from_data"):
+            network_from_data(config)
 
     def before_fit(self) -> None:
         if self.trainer.max_epochs is not None and self.trainer.max_epochs == 0:
@@ -77,6 +118,48 @@ class PCNCLI(LightningCLI):
     def after_test(self) -> None:
         print_summary(self.trainer)
 
+    def close_wandb(self, status: str | None) -> None:
+        """Finish the W&B run (if one started) with this command's own status in its summary, so
+        that the run folder is complete when the command returns, on failure as on success."""
+        trainer = getattr(self, "trainer", None)
+        for logger in trainer.loggers if trainer is not None else []:
+            if isinstance(logger, WandbLogger):  # Lightning's own too
+                PCNWandbLogger.close(logger, status)
+
+
+def run_status(err: BaseException) -> str | None:
+    """The status a command that raised ``err`` ended with (``None``: stopped, to be resumed)."""
+    if isinstance(err, Preempted):
+        return None
+    return "diverged" if isinstance(err, DivergenceError) else "failed"
+
+
+def network_from_data(config) -> None:
+    """``network_from_data``: the network takes its classes, input channels (or features) and
+    input size from the data module, which is built once here to ask it."""
+    data_class = _import(config.data.class_path)
+    data = data_class(**config.data.init_args.as_dict())
+    if not hasattr(data, "example_shape"):
+        raise ValueError(f"network_from_data: {config.data.class_path} does not say its examples' "
+                         "shape (example_shape()); set the network's sizes in the config")
+    shape = tuple(data.example_shape())
+    network = config.model.network
+    accepted = inspect.signature(_import(network.class_path)).parameters
+    derived = {"num_classes": data.num_classes, "in_features": math.prod(shape)}
+    if len(shape) == 3:
+        if shape[1] != shape[2]:
+            raise ValueError(f"the data's images are {shape[1]}x{shape[2]}, but "
+                             f"{network.class_path} takes square images (input_size)")
+        derived.update(in_channels=shape[0], input_size=shape[1])
+    for key, value in derived.items():
+        if key in accepted:
+            network.init_args[key] = value
+
+
+def _import(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
 
 def print_summary(trainer: L.Trainer) -> None:
     """What a finished command leaves behind, in a few lines: the test error and where the
@@ -93,9 +176,11 @@ def print_summary(trainer: L.Trainer) -> None:
     lines += [f"last checkpoint: {last}"] if last.exists() else []
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            lines.append(f"metrics (CSV): {Path(logger.log_dir) / 'metrics.csv'}")
+            lines.append(f"metrics (CSV): {(Path(logger.log_dir) / 'metrics.csv').resolve()}")
         elif isinstance(logger, WandbLogger) and logger._experiment is not None:
-            lines.append(f"W&B run folder: {Path(logger.experiment.dir).parent}")
+            lines.append(f"W&B run folder: {Path(logger.experiment.dir).parent.resolve()}")
+            if not logger._offline:
+                lines.append(f"W&B run: {logger.experiment.url}")
     if lines:
         print("\n".join(["pcn_ep: done.", *[f"  {line}" for line in lines]]))
 
@@ -152,11 +237,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def config_paths(argv: list[str]) -> list[str]:
+    """The ``--config`` / ``-c`` files named on a command line, in order."""
+    return [value if flag in ("-c", "--config") else flag.partition("=")[2]
+            for flag, value in zip(argv, argv[1:] + [""])
+            if flag in ("-c", "--config") or flag.startswith("--config=")]
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config`` file exists and is YAML without duplicate keys."""
-    for flag, value in zip(argv, argv[1:] + [""]):
-        path = value if flag in ("-c", "--config") else (
-            flag.partition("=")[2] if flag.startswith("--config=") else None)
+    for path in config_paths(argv):
         if not path:
             continue
         if not Path(path).is_file():
@@ -173,14 +263,14 @@ def main(argv: list[str]) -> int:
         print(f"pcn_ep: error: expected one of {', '.join(SUBCOMMANDS)} (python -m pcn_ep --help "
               "lists every command)", file=sys.stderr)
         return 2
-    if not any(a in ("-c", "--config") or a.startswith("--config=") for a in argv[1:]):
+    if not config_paths(argv[1:]):
         argv = [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet_known_noise()
     STOP.signum = 0
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}  # a stop before training starts
     try:
         check_config_files(argv)
-        cli = PCNCLI(argv)
+        PCNCLI(argv)  # runs the command; closes W&B with its status
     except argparse.ArgumentError as err:  # unknown or misspelt key, wrong type, missing file
         print("pcn_ep: error: " + " ".join(l.strip() for l in str(err).splitlines()), file=sys.stderr)
         return 2
@@ -197,13 +287,32 @@ def main(argv: list[str]) -> int:
     if STOP.signum:  # a signal outside training (setup, validation-only, test): nothing to save
         print(f"pcn_ep: stopped by {signal.Signals(STOP.signum).name}", file=sys.stderr)
         return 143
-    finish_wandb(cli.trainer)
     return 0
 
 
-def finish_wandb(trainer: L.Trainer) -> None:
-    """Close W&B runs so the run folder holds its summary when the command returns (in-process
-    callers, tests) and not only at interpreter exit."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+class _DropNotices(logging.Filter):
+    """Lightning's notices that say nothing about this run: the litlogger advertisement, and the
+    notice that the module's own callbacks (Preemption, LastCheckpoint, RunFolderLock) replace
+    those of the same type, printed again by the ``test`` that follows ``fit``."""
+
+    OURS = {"LastCheckpoint", "Preemption", "RunFolderLock"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("💡 Tip:") and "litlogger" in message:
+            return False
+        if message.startswith("Trainer already configured with model summary callbacks"):
+            return False  # ours (callbacks.ModelSummary), given to every trainer by the CLI
+        notice = "will override existing callbacks passed to Trainer: "
+        if notice in message:
+            return not set(message.split(notice)[1].split(", ")) <= self.OURS
+        return True
+
+
+def quiet_known_noise() -> None:
+    """Silence the harmless messages Lightning prints on every run with this torch."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices())

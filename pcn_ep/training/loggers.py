@@ -26,11 +26,15 @@ def wandb_offline() -> bool:
 
 
 class WandbLogger(_WandbLogger):
-    """Lightning's ``WandbLogger`` with ``offline`` decided for you.
+    """Lightning's ``WandbLogger`` with ``offline`` decided for you, quiet, and started late.
 
     ``offline=None`` (default): online when an API key is configured and ``WANDB_MODE`` does not say
     otherwise, else offline (a local run folder under ``save_dir/wandb``; ``wandb sync`` uploads it
     later). Project, group and tags come from the config, e.g. group = the paper table, tags = the cell.
+
+    W&B prints nothing (the CLI's summary names the run folder and URL), and the W&B run starts with
+    the first thing logged, after the setup checks: a config or data error leaves no empty run.
+    ``close`` writes the run's own exit status into its summary.
     """
 
     def __init__(
@@ -45,14 +49,43 @@ class WandbLogger(_WandbLogger):
     ) -> None:
         if offline is None:
             offline = wandb_offline()
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if kwargs.get("settings") is None:  # jsonargparse passes wandb.init's defaults (None)
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(silent=True)
         super().__init__(project=project, name=name, group=group, tags=tags, save_dir=save_dir,
                          offline=offline, **kwargs)
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb: passing it only warns
         self.run_config: dict | None = None  # the whole resolved config (set by the CLI)
+        self._begun = False
+
+    @property
+    def experiment(self):
+        """The W&B run; ``None`` until something is logged (Lightning asks for it before the
+        setup checks only to create it early)."""
+        if self._experiment is None and not self._begun:
+            return None
+        Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        return super().experiment
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._begun = True
+        super().log_metrics(metrics, step)
+
+    def close(self, status: str | None) -> None:
+        """Finish the W&B run with the command's own status in its summary (``run/status``: ok,
+        diverged or failed; the report reads it, since W&B's exit code is 0 even for a failed run).
+        ``None`` (a stopped run that will resume) writes no status."""
+        if self._experiment is None:
+            return
+        if status is not None:
+            self._experiment.summary["run/status"] = status
+        self._experiment.finish(exit_code=0 if status in ("ok", None) else 1)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         """The module's hyperparameters, plus the whole resolved run config under ``run`` (network,
         data, trainer): a W&B run then says what produced it, not only β and K."""
+        self._begun = True
         if self.run_config is not None:
             params = {**dict(params), "run": self.run_config}
         super().log_hyperparams(params, *args, **kwargs)
