@@ -173,9 +173,24 @@ def test_gradcheck_cli_json(capsys):
     assert gradcheck(["--model", "vgg5", "--width-mult", "0.125", "--batch-size", "2", "--json",
                       "--beta", "1e-6"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"layers", "min_cosine", "max_rel_err"} <= report.keys()
-    assert len(report["layers"]) == 10 and report["layers"][0]["name"] == "layers.0.weight"
+    assert {"tensors", "layers", "min_cosine", "max_rel_err", "verdict"} <= report.keys()
+    assert len(report["tensors"]) == 10 and report["tensors"][0]["name"] == "layers.0.weight"
+    assert [r["layer"] for r in report["layers"]] == [1, 2, 3, 4, 5]
     assert report["min_cosine"] >= 0.99999 and report["max_rel_err"] <= 1e-4
+    assert report["verdict"] == "pass"
+
+
+def test_gradcheck_verdict_follows_the_thresholds(capsys):
+    """Synchronous α = 1 gives a wrong gradient (cosine < 0 on this draw): a FAIL verdict, exit 1,
+    unless the user's thresholds allow it."""
+    assert gradcheck(["--order", "sync", "--batch-size", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: FAIL: layers." in out and "< --min-cosine 0.999" in out
+    assert gradcheck(["--order", "sync", "--batch-size", "2", "--min-cosine", "-1",
+                      "--max-rel-err", "inf"]) == 0
+    assert "verdict: PASS" in capsys.readouterr().out
+    assert gradcheck(["--batch-size", "2", "--max-rel-err", "1e-12"]) == 1
+    assert "> --max-rel-err 1e-12" in capsys.readouterr().out
 
 
 def test_gradcheck_reports_divergence_instead_of_crashing(capsys):

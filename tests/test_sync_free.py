@@ -133,3 +133,22 @@ def test_estimate_compiles_whole(name, scheme, rule, order):
                     torch.autograd.grad(want.surrogate, params)):
         torch.testing.assert_close(a, b)
     assert bool(got.finite)
+
+
+def test_nudged_pool_routing_makes_no_host_sync_and_compiles_whole():
+    """The tests above run the default routing (``free``: the free winners, recomputed from the
+    window offsets); ``nudged`` (the max recomputed) keeps both promises too: no host sync, one
+    graph under ``fullgraph=True`` (VGG10Skip: pooled layers with moving inputs, a skip)."""
+    torch._dynamo.reset()
+    net, x, y = _setup("vgg10skip")
+    ep = ep_estimator(scheme="random", beta=0.05, K=4, check_finite=False, pool_routing="nudged",
+                      generator=torch.Generator().manual_seed(0))
+    with HostSyncs() as syncs:
+        ep(net, x, y).surrogate.backward()
+    assert syncs.calls == []
+    got = compile_estimator(ep, backend="eager")(net, x, y)
+    want = ep.estimate(net, x, y, got.betas)
+    params = list(net.parameters())
+    for a, b in zip(torch.autograd.grad(got.surrogate, params),
+                    torch.autograd.grad(want.surrogate, params)):
+        torch.testing.assert_close(a, b)

@@ -1,15 +1,15 @@
 """The algorithm library: energy models, nudged equilibria, gradient estimators. Imports torch only (never data, training, tools or experiments)."""
 from .energy import COSTS, Cost, CrossEntropy, SquaredError, energy, get_cost
-from .equilibrium import (ORDERS, PERTURBATIONS, RULES, Dynamics, Interrupted, NudgedState,
-                          nudged_phase)
+from .equilibrium import (ORDERS, PERTURBATIONS, POOL_ROUTINGS, RULES, Dynamics, Interrupted,
+                          NudgedState, nudged_phase)
 from .estimators import (SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation,
-                         all_finite, compile_estimator)
+                         all_finite, compile_estimator, gradient_fidelity)
 from .layers import PCNLayer
 from .networks import MLP, NETWORKS, PCN, VGG5, VGG10, FreeState, VGG10Skip
 
 __all__ = [
     "COSTS", "Cost", "CrossEntropy", "SquaredError", "energy", "get_cost", "ORDERS", "PERTURBATIONS",
-    "RULES", "Dynamics", "Interrupted", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
-    "Estimate", "EquilibriumPropagation", "all_finite", "compile_estimator", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
+    "POOL_ROUTINGS", "RULES", "Dynamics", "Interrupted", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
+    "Estimate", "EquilibriumPropagation", "all_finite", "compile_estimator", "gradient_fidelity", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
     "FreeState", "VGG10Skip",
 ]

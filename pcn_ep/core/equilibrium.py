@@ -32,6 +32,14 @@ Minimum work and memory:
   with ``fullgraph=True``).
 
 Every example carries its own β (a tensor), so the four estimators are one batched call.
+
+Max-pool routing (``pool_routing``): ``nudged`` recomputes each window's max in the nudged phase, as
+the energy F says; ``free`` keeps the free phase's winners, a_k = c_k[argmax*] + b_k, the derivative
+backprop takes. They differ where a window's winner moves: near a tie at finite β, and at any β in a
+window whose max is exactly tied in the free state (flat image regions). There δa = max over the tied
+δc, so +β and −β route through different winners, and centered EP averages two routes where
+backprop takes the first. The free winners of a pooled layer whose inputs move are the first argmax
+of its window offsets d (exactly 0 at the max), so they cost no memory.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from .energy import Cost, energy, one_hot
 from .networks import PCN, FreeState
 
 RULES = ("mod-pgd", "pgd")
+POOL_ROUTINGS = ("free", "nudged")
 ORDERS = ("async", "sync")
 PERTURBATIONS = ("nudge", "clamp")
 
@@ -73,6 +82,13 @@ class Dynamics:
             raise ValueError(f"unknown order {self.order!r}; choose one of {list(ORDERS)}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha (step size) must be in (0, 1], got {self.alpha!r}")
+
+
+def check_pool_routing(pool_routing: str) -> None:
+    if pool_routing not in POOL_ROUTINGS:
+        raise ValueError(f"unknown pool_routing {pool_routing!r}; choose one of {list(POOL_ROUTINGS)} "
+                         "(nudged: the max recomputed in the nudged phase; free: the free phase's "
+                         "winners kept, as backprop)")
 
 
 _SCHEDULES: dict[tuple, tuple] = {}
@@ -129,7 +145,8 @@ class NudgedState:
     """The relaxed state as perturbations of the free state (the running bookkeeping, too).
 
     ``delta[k]`` = h_k − h*_k and ``delta_a[k]`` = a_k − a*_k have shape (copies, batch, ...); ``None``
-    means zero (not reached yet). ``indices[k]`` is the nudged pool routing, flat (copies·batch, ...).
+    means zero (not reached yet). ``indices[k]`` is the pool routing in use, flat (copies·batch, ...):
+    the nudged argmax, or the free one with ``pool_routing="free"``.
     ``error_layers`` lists the layers whose ε_k can be non-zero; every other ε_k is exactly zero.
     ``trace`` (if asked) holds per-example E and C at iterations 0..K. ``kinks`` (if asked) counts,
     per hidden layer, the units that crossed a kink at any point: a ReLU switching (a_k or h_k
@@ -138,9 +155,11 @@ class NudgedState:
     effect, gone as β → 0, that ``gradcheck`` reports (counting syncs: a diagnostic only).
     """
 
-    def __init__(self, network: PCN, free: FreeState, copies: int, count_kinks: bool) -> None:
+    def __init__(self, network: PCN, free: FreeState, copies: int, count_kinks: bool,
+                 pool_routing: str = "free") -> None:
         L = network.depth
         self.net, self.free, self.copies = network, free, copies
+        self.keep_free_routing = pool_routing == "free"
         self.delta: list[Tensor | None] = [None] * (L + 1)
         self.delta_a: list[Tensor | None] = [None] * (L + 1)
         self.indices: list[Tensor | None] = [None] * (L + 1)
@@ -212,6 +231,11 @@ class NudgedState:
         dc = self.split(layer.linear(*inputs).to(self.free.a[k].dtype))
         if self.free.d[k] is None:
             self.delta_a[k] = dc
+        elif self.keep_free_routing:  # δa = δc at the free winners (d is 0 there), linear in δc
+            if self.indices[k] is None:
+                self.indices[k] = self.free_indices(k)
+            routes = self.split(self.indices[k])
+            self.delta_a[k] = dc.flatten(-2).gather(-1, routes.flatten(-2)).view(routes.shape)
         else:
             dc += self.free.d[k]  # in place: the nudged c is not kept after pooling
             da, self.indices[k] = F.max_pool2d(self.flat(dc), 2, 2, return_indices=True)
@@ -219,7 +243,7 @@ class NudgedState:
         if self.crossed is not None and k < self.net.depth:
             q, lo = self.kink_terms(k)
             self.crossed[k] |= ((self.delta_a[k] + q) > lo) != (self.free.a[k] > 0)
-            if self.indices[k] is not None:
+            if self.indices[k] is not None and not self.keep_free_routing:
                 self.crossed[k] |= self.split(self.indices[k] != self.free_indices(k))
 
     def free_indices(self, k: int, copies: int | None = None) -> Tensor:
@@ -268,6 +292,7 @@ def nudged_phase(
     trace: bool = False,
     count_kinks: bool = False,
     interrupt: Callable[[], bool] | None = None,
+    pool_routing: str = "free",
 ) -> NudgedState:
     """Relax from the free state under per-example nudging strengths ``betas``.
 
@@ -275,12 +300,14 @@ def nudged_phase(
     ``y`` are not repeated. ``interrupt`` is asked once per iteration (a plain Python call, no device
     sync); when it returns True the relaxation stops with ``Interrupted``, so a preemption signal
     never waits for K iterations. Inside ``torch.compile`` it is not asked (the compiled step is
-    one graph); the caller checks its flag between steps."""
+    one graph); the caller checks its flag between steps. ``pool_routing``: see the module's
+    docstring."""
     if perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {list(PERTURBATIONS)}")
+    check_pool_routing(pool_routing)
     L, alpha, batch = network.depth, dynamics.alpha, free.x.shape[0]
     copies = betas.numel() // batch
-    state = NudgedState(network, free, copies, count_kinks)
+    state = NudgedState(network, free, copies, count_kinks, pool_routing)
     out = free.a[L]
     beta = betas.view(copies, batch, *([1] * (out.dim() - 1))).to(out.dtype)
     neg_beta = -beta

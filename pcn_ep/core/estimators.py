@@ -16,6 +16,7 @@ spec Eq. 11, so no free-phase term is needed):
 """
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .energy import Cost, get_cost
-from .equilibrium import PERTURBATIONS, Dynamics, NudgedState, nudged_phase
+from .equilibrium import PERTURBATIONS, Dynamics, NudgedState, check_pool_routing, nudged_phase
 from .networks import PCN
 
 SCHEMES = ("forward", "backward", "random", "centered")
@@ -112,6 +113,9 @@ class EquilibriumPropagation:
             the layer when ``Estimate.finite`` is False. False: no sync at all; the caller reads
             ``Estimate.finite`` when it likes and, if False, gets the message from ``diagnose``
             (the same batch and signs) or by calling again with True on the same batch.
+        pool_routing: ``free`` (the free phase's winners kept through the nudged phase, as
+            backprop's derivative does) or ``nudged`` (each window's max recomputed, as the energy
+            says); they differ at exactly tied windows, see ``equilibrium``.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class EquilibriumPropagation:
         count_kinks: bool = False,
         interrupt: Callable[[], bool] | None = None,
         check_finite: bool = True,
+        pool_routing: str = "free",
     ) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
@@ -142,6 +147,8 @@ class EquilibriumPropagation:
         self.dynamics = dynamics or Dynamics()
         self.trace, self.generator, self.count_kinks = trace, generator, count_kinks
         self.interrupt, self.check_finite = interrupt, check_finite
+        check_pool_routing(pool_routing)
+        self.pool_routing = pool_routing
 
     def predict(self, network: PCN, x: Tensor) -> Tensor:
         """The prediction is the free state's output: a forward pass (spec §1.2)."""
@@ -189,7 +196,8 @@ class EquilibriumPropagation:
             free = network.free_phase(x)
             logits = free.a[-1]
             nudged = nudged_phase(network, free, y, betas, self.cost, self.dynamics,
-                                  self.perturbation, self.trace, self.count_kinks, self.interrupt)
+                                  self.perturbation, self.trace, self.count_kinks, self.interrupt,
+                                  self.pool_routing)
             c = self.cost.value(nudged.absolute(network.depth), y.repeat(copies))
             # −(1/β_i) / copies / batch: the mean over examples, and ∂F/∂θ's sign, in one factor.
             weights = (-1.0 / (betas * copies * batch)).to(logits.dtype).view(copies, batch)
@@ -310,3 +318,74 @@ def compile_estimator(estimator: EquilibriumPropagation | Backprop, **options
     options.setdefault("dynamic", False)
     return functools.partial(estimator.checked, torch.compile(estimator.estimate, fullgraph=True,
                                                               **options))
+
+
+def gradient_fidelity(network: PCN, ep: EquilibriumPropagation, x: Tensor, y: Tensor,
+                      betas: Tensor | None = None) -> dict:
+    """How far the EP estimate is from backprop's gradient on one batch (``gradcheck`` and the
+    training callback ``GradientFidelity`` both report this).
+
+    ``tensors``: per parameter tensor, and ``layers``: per layer (its parameters as one vector),
+    the cosine and the relative error ‖g_EP − g_BP‖ / ‖g_BP‖ (in float64); per layer also
+    ``kinks``, the units that crossed a ReLU kink or whose max-pool winner changed during the
+    relaxation (a finite-β effect), and ``ties``, the pool windows whose max is not unique in the
+    free state (harmless in a layer whose input never moves, or with ``pool_routing="free"``).
+    ``diverged``: a non-finite estimate, or a nudged prediction-error energy E above the free
+    cost (the relaxation blew up). ``betas``: the signs to use (default: drawn from ``ep``'s
+    generator, which advances); ``ep``'s settings are not changed. It syncs: a diagnostic, not
+    for every step.
+    """
+    ep = copy.copy(ep)
+    ep.count_kinks, ep.interrupt = True, None
+    if betas is None:
+        betas = ep.signed_betas(x.shape[0], x.device)
+    params = list(network.parameters())
+    report: dict = {"diverged": False, "tensors": [], "layers": [], "min_cosine": None,
+                    "max_rel_err": None}
+    bp = Backprop(ep.cost.name, check_finite=False).estimate(network, x, y)
+    estimate = ep.estimate(network, x, y, betas)
+    if not bool(bp.finite):
+        return {**report, "diverged": True, "reason": "non-finite loss at the free state"}
+    if not bool(estimate.finite):
+        return {**report, "diverged": True, "reason": ep.diagnose(network, x, y, estimate)}
+    energies = [estimate.stats[k] for k in ("E+", "E-") if k in estimate.stats]
+    if any(bool(e > bp.loss) for e in energies):  # NaN (a sign absent from the batch) is False
+        report["diverged"] = True
+        report["reason"] = (f"nudged prediction-error energy {max(e.item() for e in energies):.3g} "
+                            f"exceeds the free cost {bp.loss.item():.3g}: the relaxation blew up")
+    g_bp = torch.autograd.grad(bp.surrogate, params)
+    g_ep = torch.autograd.grad(estimate.surrogate, params)
+    for (name, _), a, b in zip(network.named_parameters(), g_ep, g_bp):
+        report["tensors"].append({"name": name, **_agreement(a, b)})
+    ties = _pool_ties(network, x)
+    kinks = estimate.kinks + [0]  # the linear output layer has no kink
+    start = 0
+    for k, layer in enumerate(network.layers, start=1):
+        n = len(list(layer.parameters()))
+        a, b = (torch.cat([g.flatten() for g in gs[start:start + n]]) for gs in (g_ep, g_bp))
+        start += n
+        report["layers"].append({"layer": k, **_agreement(a, b), "kinks": kinks[k - 1],
+                                 "ties": ties[k - 1], "pooled": layer.pool})
+    report["min_cosine"] = min(r["cosine"] for r in report["tensors"])
+    report["max_rel_err"] = max(r["rel_err"] for r in report["tensors"])
+    report["kink_crossings"] = sum(kinks)
+    report["pool_ties"] = sum(ties)
+    return report
+
+
+def _agreement(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Cosine and relative error of a against b, in float64 (0/0 reads as 0)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    cosine = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-300)
+    return {"cosine": cosine.item(), "rel_err": ((a - b).norm() / b.norm().clamp_min(1e-300)).item()}
+
+
+def _pool_ties(network: PCN, x: Tensor) -> list[int]:
+    """Per layer, the tied max-pool windows of the free state over the batch (0 without a pool)."""
+    ties, h = [], [x]
+    with torch.no_grad():
+        for k, layer in enumerate(network.layers, start=1):
+            c = layer.linear(*network.layer_inputs(h, k)).to(x.dtype)
+            ties.append(int(layer.tied_windows(c).sum()) if layer.pool else 0)
+            h.append(layer.activation(layer.pool_bias(c)[0]))
+    return ties

@@ -140,6 +140,15 @@ class PCNLayer(nn.Module):
         windows -= pooled[..., :, None, :, None]
         return c
 
+    @staticmethod
+    def tied_windows(c: Tensor) -> Tensor:
+        """Per example, the 2×2 windows of c whose maximum is reached more than once: there the
+        max-pool's derivative is a choice (the first winner, for backprop and the free routing)."""
+        h, w = c.shape[-2] // 2, c.shape[-1] // 2
+        windows = c[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))
+        top = windows.amax((-3, -1), keepdim=True)
+        return ((windows == top).sum((-3, -1)) > 1).flatten(1).sum(1)
+
     def activation(self, a: Tensor) -> Tensor:
         return torch.relu(a) if self.relu else a
 

@@ -7,6 +7,21 @@ import torch
 from .base import TensorDataModule
 
 
+MAX_SEED = 2**32 - 1 - 1000  # numpy seeds are < 2**32, and the test split uses seed + 1000
+
+
+def check_task(n_bits: int, k_sparse: int, n_samples: int, seed: int | None = None) -> None:
+    """Reject a task the generator cannot draw, with a message that names the bad value."""
+    if n_bits < 1:
+        raise ValueError(f"n_bits must be >= 1, got {n_bits}")
+    if not 1 <= k_sparse <= n_bits:
+        raise ValueError(f"k_sparse must be in 1..n_bits = {n_bits}, got {k_sparse}")
+    if n_samples < 1:
+        raise ValueError(f"the number of examples must be >= 1, got {n_samples}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in 0..{MAX_SEED}, got {seed}")
+
+
 def sparse_parity(n_bits: int, k_sparse: int, n_samples: int, seed: int,
                   secret: list[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The write-up's generator: ``RandomState(seed)`` draws the secret, then ±1 inputs.
@@ -14,8 +29,7 @@ def sparse_parity(n_bits: int, k_sparse: int, n_samples: int, seed: int,
     With ``secret`` given (the test split), the seed's own secret draw is made and discarded, so
     the inputs are those of the original code, labelled with the training secret.
     """
-    if not 1 <= k_sparse <= n_bits:
-        raise ValueError(f"need 1 <= k_sparse <= n_bits, got k={k_sparse}, n={n_bits}")
+    check_task(n_bits, k_sparse, n_samples)
     rng = np.random.RandomState(seed)
     drawn = sorted(rng.choice(n_bits, k_sparse, replace=False).tolist())
     secret = drawn if secret is None else secret
@@ -41,6 +55,7 @@ class SparseParityDataModule(TensorDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        check_task(self.n_bits, self.k_sparse, self.n_test, self.seed)
         x, y, self.secret = sparse_parity(self.n_bits, self.k_sparse, self.n_train, self.seed)
         xt, yt, _ = sparse_parity(self.n_bits, self.k_sparse, self.n_test, self.seed + 1000,
                                   self.secret)

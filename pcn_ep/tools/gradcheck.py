@@ -1,10 +1,15 @@
 """``python -m pcn_ep gradcheck``: how close is the EP gradient to backprop's, layer by layer?
 
-Builds a network, draws a random batch, and compares, for every parameter tensor, the EP estimate
-with autograd backprop of the same cost on the same network: cosine similarity and relative error
-‖g_EP − g_BP‖ / ‖g_BP‖. ``gradient_fidelity`` is the reusable part (the training callback uses it).
+Builds a network, takes a batch (random normal inputs, or real images with their flat regions),
+and compares, for every parameter tensor, the EP estimate with autograd backprop of the same cost on
+the same network: cosine similarity and relative error ‖g_EP − g_BP‖ / ‖g_BP‖. It also counts the
+units that crossed a ReLU or max-pool kink during the relaxation (a finite-β effect) and, apart, the
+max-pool windows whose maximum is tied in the free state (where the two pool routings differ at any
+β). The comparison itself is ``pcn_ep.core.gradient_fidelity``, which the training callback
+``GradientFidelity`` logs during a run.
 
-Exit status: 0 when measured, 1 when the relaxation diverged (reported, not raised), 2 on bad flags.
+Exit status: 0 when every tensor meets the thresholds, 1 when one does not or the relaxation
+diverged, 2 on bad flags.
 """
 from __future__ import annotations
 
@@ -13,45 +18,18 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, RULES, SCHEMES, Backprop,
-                   DivergenceError, Dynamics, EquilibriumPropagation)
+from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES, Dynamics,
+                    EquilibriumPropagation, gradient_fidelity)
 
-
-def gradient_fidelity(
-    network: PCN, ep: EquilibriumPropagation, x: Tensor, y: Tensor
-) -> dict:
-    """Per-parameter cosine and relative error of EP against backprop, plus divergence and kinks.
-
-    ``diverged`` is true when a state or gradient is non-finite, or when the nudged state's
-    prediction-error energy E exceeds the free state's cost C: the perturbation is then no longer
-    small, whatever β is, and the relaxation has blown up (synchronous α = 1 does this).
-    """
-    params = list(network.parameters())
-    bp = Backprop(ep.cost.name)(network, x, y)
-    g_bp = torch.autograd.grad(bp.surrogate, params)
-    report = {"diverged": False, "layers": [], "min_cosine": None, "max_rel_err": None}
-    ep.count_kinks = True
-    try:
-        estimate = ep(network, x, y)
-    except DivergenceError as err:
-        return {**report, "diverged": True, "reason": str(err)}
-    energies = [estimate.stats[k] for k in ("E+", "E-") if k in estimate.stats]
-    if any(e > bp.loss for e in energies):
-        report["diverged"] = True
-        report["reason"] = (f"nudged prediction-error energy {max(energies).item():.3g} exceeds the "
-                            f"free cost {bp.loss.item():.3g}: the relaxation blew up")
-    g_ep = torch.autograd.grad(estimate.surrogate, params)
-    for (name, _), a, b in zip(network.named_parameters(), g_ep, g_bp):
-        cosine = F.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-300).item()
-        rel = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-        report["layers"].append({"name": name, "cosine": cosine, "rel_err": rel})
-    report["min_cosine"] = min(r["cosine"] for r in report["layers"])
-    report["max_rel_err"] = max(r["rel_err"] for r in report["layers"])
-    report["kink_crossings"] = sum(estimate.kinks)
-    return report
+# What float64 centered EP meets on the default network (VGG5 at 1/8 width, 32×32, batch 4, β 1e-3,
+# K = L, mod-PGD, async, random inputs), worst tensor of the worst seed: free routing, seeds 0-99,
+# CE: cosine 0.99957, rel_err 0.029; MSE, seeds 0-29: 0.99947, 0.044 (nudged routing, CE, seeds 0-99:
+# 0.99917, 0.041). The worst draws are those where a unit crosses a ReLU kink; the others reach ~1e-7.
+MIN_COSINE = 0.999
+MAX_REL_ERR = 0.05
+IMAGE_SETS = ("mnist", "cifar10", "cifar100", "imagenet32")  # ImageDataModule's (imported lazily)
 
 
 def build_network(args: argparse.Namespace) -> PCN:
@@ -73,7 +51,9 @@ def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0],
+                                epilog="Exit status: 0 pass, 1 below a threshold or diverged, 2 bad "
+                                       "flags.")
     add_network_arguments(p, width_mult=0.125)
     p.add_argument("--cost", choices=["ce", "mse"], default="ce")
     p.add_argument("--perturbation", choices=PERTURBATIONS, default="nudge")
@@ -83,40 +63,127 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=RULES, default="mod-pgd")
     p.add_argument("--order", choices=ORDERS, default="async")
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
+                   help="max-pool routing in the nudged phase: free (the free phase's winners "
+                        "kept, as backprop) or nudged (each window's max recomputed); they differ "
+                        "where a window's max is tied (default: %(default)s)")
+    p.add_argument("--data", choices=["random", "digits", *IMAGE_SETS],
+                   default="random",
+                   help="random: standard normal inputs; digits: scikit-learn's digits upsampled "
+                        "to --input-size; mnist, cifar10, ...: training images from --data-root, "
+                        "normalized as in training. Real images have flat regions that tie max-pool "
+                        "windows; their channels, size and classes set the network's "
+                        "(default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="the data set's folder, as data.init_args.root in training")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+                   help="fail (exit 1) if a tensor's cosine is below this; the default is met by "
+                        "float64 centered EP on the default network (default: %(default)s)")
+    p.add_argument("--max-rel-err", type=float, default=MAX_REL_ERR,
+                   help="fail (exit 1) if a tensor's relative error is above this; the default is "
+                        "met by float64 centered EP on the default network (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def load_data(args: argparse.Namespace) -> tuple[Tensor, Tensor] | None:
+    """A real data set's training images, normalized (None for random inputs); the network's
+    channels, input size and classes follow them."""
+    if args.data == "random":
+        return None
+    from ..data import DigitsDataModule, ImageDataModule  # Lightning: only when asked
+    from ..data.images import normalize
+
+    if args.data == "digits":
+        data = DigitsDataModule(image_size=args.input_size, seed=args.seed)
+    elif args.data_root is None:
+        raise ValueError(f"--data {args.data} needs --data-root (the data set's folder)")
+    else:
+        data = ImageDataModule(args.data, args.data_root)
+    data.setup()
+    x, y = data.splits["train"]
+    if x.dtype == torch.uint8:
+        x = normalize(x, data.mean, data.std)
+    args.in_channels, args.input_size, args.num_classes = x.shape[1], x.shape[-1], data.num_classes
+    return x, y
+
+
+def make_batch(args: argparse.Namespace, data: tuple[Tensor, Tensor] | None, dtype: torch.dtype
+               ) -> tuple[Tensor, Tensor]:
+    if data is not None:
+        pick = torch.randperm(len(data[1]))[: args.batch_size]
+        x, y = data[0][pick].to(dtype), data[1][pick]
+    else:
+        x = torch.randn((args.batch_size, args.in_channels, args.input_size, args.input_size),
+                        dtype=dtype)
+        y = torch.randint(0, args.num_classes, (args.batch_size,))
+    return (x.flatten(1) if args.model == "mlp" else x), y
+
+
+def verdict(report: dict, min_cosine: float, max_rel_err: float) -> str | None:
+    """None if every tensor meets both thresholds, else why not (the worst tensor)."""
+    if report["diverged"]:
+        return f"diverged: {report['reason']}"
+    worst = min(report["tensors"], key=lambda r: r["cosine"])
+    if worst["cosine"] < min_cosine:
+        return f"{worst['name']} has cosine {worst['cosine']:.8f} < --min-cosine {min_cosine}"
+    worst = max(report["tensors"], key=lambda r: r["rel_err"])
+    if worst["rel_err"] > max_rel_err:
+        return f"{worst['name']} has rel_err {worst['rel_err']:.3e} > --max-rel-err {max_rel_err}"
+    return None
+
+
+def hint(report: dict) -> str:
+    """What a failing report's counts suggest."""
+    if report["diverged"] or not report["kink_crossings"]:
+        return ""
+    return (f" ({report['kink_crossings']} units crossed a kink during the relaxation; if that is "
+            "the cause, a smaller --beta removes it)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
     try:
-        network = build_network(args).to(getattr(torch, args.dtype))
+        if not 0 < args.batch_size:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        data = load_data(args)
+        network = build_network(args).to(dtype)
         K = args.K if args.K is not None else network.depth
         ep = EquilibriumPropagation(args.cost, args.perturbation, args.scheme, args.beta,
-                                    Dynamics(K, args.rule, args.order, args.alpha))
-    except ValueError as err:
-        print(f"gradcheck: error: {err}", file=sys.stderr)
+                                    Dynamics(K, args.rule, args.order, args.alpha),
+                                    pool_routing=args.pool_routing)
+        x, y = make_batch(args, data, dtype)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"pcn_ep: error: {err}", file=sys.stderr)
         return 2
-    shape = (args.batch_size, args.in_channels, args.input_size, args.input_size)
-    x = torch.randn(shape, dtype=getattr(torch, args.dtype))
-    if args.model == "mlp":
-        x = x.flatten(1)
-    y = torch.randint(0, args.num_classes, (args.batch_size,))
     report = gradient_fidelity(network, ep, x, y)
+    failure = verdict(report, args.min_cosine, args.max_rel_err)
+    report.update(verdict="fail" if failure else "pass", min_cosine_allowed=args.min_cosine,
+                  max_rel_err_allowed=args.max_rel_err)
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{type(network).__name__}, {args.scheme} {args.perturbation} ({args.cost}), "
-              f"beta={args.beta}, K={K}, {args.rule}, {args.order}, alpha={args.alpha}, {args.dtype}")
-        if report["diverged"]:
-            print(f"DIVERGED: {report['reason']}")
-        for r in report["layers"]:
+              f"beta={args.beta}, K={K}, {args.rule}, {args.order}, alpha={args.alpha}, "
+              f"pool routing {args.pool_routing}, {args.dtype}, {args.data} batch of {len(y)}")
+        for r in report["tensors"]:
             print(f"  {r['name']:<24} cosine {r['cosine']: .8f}   rel_err {r['rel_err']:.3e}")
-        if report["layers"]:
-            print(f"min cosine {report['min_cosine']:.8f}   max rel_err {report['max_rel_err']:.3e}"
-                  f"   kink crossings {report['kink_crossings']}")
-    return 1 if report["diverged"] else 0
+        if report["tensors"]:
+            print(f"min cosine {report['min_cosine']:.8f}   max rel_err {report['max_rel_err']:.3e}")
+            print(f"kink crossings during the relaxation (per layer): "
+                  f"{[r['kinks'] for r in report['layers']]}")
+            print(f"tied max-pool windows in the free state (per layer): "
+                  f"{[r['ties'] for r in report['layers']]}")
+            moving = sum(r["ties"] for r in report["layers"] if network.moves(r["layer"]))
+            if moving and args.pool_routing == "nudged":
+                print("  ties in layers whose input moves make nudged routing differ from backprop "
+                      "at any beta; --pool-routing free follows backprop")
+        print(f"verdict: FAIL: {failure}{hint(report)}" if failure else
+              f"verdict: PASS (every tensor: cosine >= {args.min_cosine}, "
+              f"rel_err <= {args.max_rel_err})")
+    return 1 if failure else 0

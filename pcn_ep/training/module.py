@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..core import (PCN, Backprop, DivergenceError, Dynamics, EquilibriumPropagation, Interrupted,
-                    compile_estimator)
+from ..core import (PCN, POOL_ROUTINGS, Backprop, DivergenceError, Dynamics, EquilibriumPropagation,
+                    Interrupted, compile_estimator)
 from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock
 
 
@@ -27,20 +27,40 @@ class PCNEPModule(L.LightningModule):
     """Train a PCN with equilibrium propagation (``algorithm="ep"``) or backprop (``"bp"``).
 
     Args:
-        network: the PCN (``pcn_ep.core.MLP``, ``VGG5``, ``VGG10``, ``VGG10Skip``).
-        algorithm: ``ep`` or ``bp`` (the baseline, same network).
-        cost: ``ce`` or ``mse``. perturbation: ``nudge`` or ``clamp``.
-        scheme: ``forward``, ``backward``, ``random`` or ``centered``. beta: |β| > 0.
-        K, rule, order, alpha: the nudged phase (spec §3).
-        lr, momentum, nesterov, weight_decay: SGD (spec §6: Nesterov momentum 0.9).
-        t_max, eta_min: cosine annealing to ``eta_min`` over ``t_max`` epochs (default: max_epochs).
-        schedule_interval: ``epoch`` (the paper) or ``step`` (the same curve, updated every step).
+        network: the PCN (``pcn_ep.core.MLP``, ``VGG5``, ``VGG10`` or ``VGG10Skip``).
+        algorithm: ``ep`` (equilibrium propagation) or ``bp`` (backprop through the same network,
+            the baseline).
+        cost: the output cost C: ``ce`` (cross-entropy) or ``mse`` (½‖h_L − onehot(y)‖²).
+        perturbation: how β acts on the output: ``nudge`` (β C added to the energy) or ``clamp``
+            (h_L pulled towards the one-hot target).
+        scheme: which nudged states EP contrasts: ``forward`` (+β), ``backward`` (−β), ``random``
+            (a sign per example) or ``centered`` (+β and −β).
+        beta: the nudge strength |β| > 0 (EP only).
+        K: nudged-phase iterations, each a sweep over the layers (spec §3.4: about the number of
+            layers).
+        rule: the state update: ``mod-pgd`` (the paper's) or ``pgd``.
+        order: layer traversal: ``async`` (even then odd layers, the paper's) or ``sync`` (all at once).
+        alpha: step size of the state update; 1 is the closed form.
+        pool_routing: max-pool routing in the nudged phase: ``free`` (the free phase's winners kept,
+            as backprop's derivative does; README: why it is the default) or ``nudged`` (each
+            window's max recomputed, the literal reading of spec Eq. 17).
+        lr: SGD learning rate (the same for every layer unless ``layer_lrs`` is set).
+        momentum: SGD momentum (spec §6: 0.9).
+        nesterov: Nesterov momentum (spec §6: on).
+        weight_decay: SGD weight decay (L2).
+        t_max: epochs of cosine annealing from ``lr`` to ``eta_min``; null: ``trainer.max_epochs``.
+        eta_min: the learning rate at the end of the cosine schedule.
+        schedule_interval: when the cosine schedule steps: ``epoch`` (the paper) or ``step`` (the
+            same curve, updated every step).
         layer_lrs: optional learning rate per layer (one entry per layer; the paper uses one).
-        seed: seeds the random scheme's sign generator (its state is checkpointed).
+        seed: seeds the random scheme's sign generator (its state is checkpointed); the configs set
+            it to ``${seed_everything}``.
         on_divergence: a non-finite loss, state or gradient in a step either ``stop``s the run
             with an error naming epoch, step, phase and layer (default), or ``skip``s the batch
             (no update; counted and logged as ``skipped_batches``) until ``max_skipped`` is exceeded.
             The checkpoint of the last good epoch is never overwritten by a diverged model.
+        max_skipped: with ``on_divergence: skip``, the number of skipped batches after which the
+            run stops anyway.
         max_energy_ratio: a slow blow-up guard. At a nudged equilibrium E(h^β) <= β C(h*) (the
             relaxation lowers F = E + βC from its free-state value βC(h*)), so a nudged energy E
             above ``max_energy_ratio`` x β x the free-phase cost means the relaxation is running
@@ -62,6 +82,7 @@ class PCNEPModule(L.LightningModule):
         rule: str = "mod-pgd",
         order: str = "async",
         alpha: float = 1.0,
+        pool_routing: str = "free",
         lr: float = 0.02,
         momentum: float = 0.9,
         nesterov: bool = True,
@@ -86,6 +107,9 @@ class PCNEPModule(L.LightningModule):
             raise ValueError(f"schedule_interval must be 'epoch' or 'step', got {schedule_interval!r}")
         if on_divergence not in ("stop", "skip"):
             raise ValueError(f"on_divergence must be 'stop' or 'skip', got {on_divergence!r}")
+        if pool_routing not in POOL_ROUTINGS:
+            raise ValueError(f"model.pool_routing must be 'nudged' (the max recomputed in the nudged "
+                             f"phase) or 'free' (the free phase's winners kept), got {pool_routing!r}")
         if not 0 <= lr < float("inf"):
             raise ValueError(f"model.lr must be a finite number >= 0, got {lr!r}")
         if t_max is not None and (isinstance(t_max, bool) or t_max < 1):
@@ -103,6 +127,7 @@ class PCNEPModule(L.LightningModule):
         else:
             self.estimator = EquilibriumPropagation(
                 cost, perturbation, scheme, beta, Dynamics(K, rule, order, alpha),
+                pool_routing=pool_routing,
                 generator=self.signs, interrupt=STOP,
             )
         self.estimator.check_finite = False  # the step reads one health flag instead (_healthy)
@@ -266,8 +291,7 @@ class PCNEPModule(L.LightningModule):
 
     def _log_step(self, estimate, y: Tensor, optimizer, now: float) -> None:
         error = (estimate.logits.argmax(1) != y).float().mean()
-        log = {"train/loss": estimate.loss, "train/error": error,
-               "lr": optimizer.param_groups[0]["lr"]}
+        log = {"train/loss": estimate.loss, "lr": optimizer.param_groups[0]["lr"]}
         if self.hparams.algorithm == "ep":
             log.update({"beta": self.hparams.beta, "K": float(self.hparams.K)})
             log.update({f"train/{k}": v for k, v in estimate.stats.items()})
@@ -276,7 +300,7 @@ class PCNEPModule(L.LightningModule):
             log.update({"step_time_s": step_time, "images_per_s": len(y) / step_time})
         self._last_step_start = now
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(y))
-        self.log("train_error", error, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/error", error, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
 
     def _diverged(self, err: DivergenceError) -> None:
         where = f"epoch {self.current_epoch}, step {self.global_step}"
@@ -347,8 +371,10 @@ class PCNEPModule(L.LightningModule):
 
     def _check_resume(self, saved: dict) -> None:
         """Resuming with another algorithm or EP setting is legal but surprising: one warning."""
+        saved = {"pool_routing": "nudged", **saved}  # checkpoints from before the option were nudged
         changed = [f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in
-                   ("algorithm", "cost", "perturbation", "scheme", "beta", "K", "rule", "order", "alpha")
+                   ("algorithm", "cost", "perturbation", "scheme", "beta", "K", "rule", "order", "alpha",
+                    "pool_routing")
                    if k in saved and k in self.hparams and saved[k] != self.hparams[k]]
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if changed and fitting and self.global_rank == 0:

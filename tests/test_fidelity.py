@@ -1,0 +1,107 @@
+"""The gradient-fidelity callback: gradcheck's figures, logged during a quickstart-like run (CSV
+and W&B), without changing what the run trains."""
+import csv
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pcn_ep.core import VGG5, Dynamics, EquilibriumPropagation, gradient_fidelity
+from pcn_ep.experiments.report import _wandb_records
+from pcn_ep.training.cli import DEFAULT_CONFIG, main
+from pcn_ep.training.fidelity import GradientFidelity
+
+SEEN: dict = {}  # what Capture saw, by step
+
+
+class Capture(GradientFidelity):
+    """Records weights, batch and sign generator just before the fidelity check of each step it
+    checks (listed before GradientFidelity in the config, so it sees the same state)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0:
+            SEEN[trainer.global_step] = (
+                {k: v.clone() for k, v in pl_module.network.state_dict().items()},
+                [t.clone() for t in batch], pl_module.signs.get_state())
+
+
+def fit(root, fidelity: bool):
+    """The embedded default shrunk to 2 epochs of 3 batches, random scheme, CSV and W&B offline."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["trainer"].update(max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+                          default_root_dir=str(root), enable_progress_bar=False)
+    cfg["trainer"]["logger"] = [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": str(root), "name": "csv"}},
+        {"class_path": "pcn_ep.training.loggers.WandbLogger",
+         "init_args": {"save_dir": str(root), "project": "pcn-ep-test", "offline": True}}]
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = f"{root}/checkpoints"
+    if fidelity:
+        cfg["trainer"]["callbacks"] += [
+            {"class_path": "test_fidelity.Capture", "init_args": {"every_n_steps": 2}},
+            {"class_path": "pcn_ep.training.fidelity.GradientFidelity",
+             "init_args": {"every_n_steps": 2}}]
+    cfg["model"].update(scheme="random")
+    cfg["test_after_fit"] = False
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(root / "config.yaml")]) == 0
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    SEEN.clear()
+    with_cb, without = tmp_path_factory.mktemp("with"), tmp_path_factory.mktemp("without")
+    return with_cb, fit(with_cb, True), fit(without, False)
+
+
+def test_logged_figures_equal_gradcheck_on_the_same_weights_batch_and_signs(runs):
+    root, _, _ = runs
+    assert sorted(SEEN) == [0, 2, 4]
+    state, (x, y), signs = SEEN[4]  # epoch 1, after four updates
+    net = VGG5(1, 10, 16, width_mult=0.125)
+    net.load_state_dict(state)
+    generator = torch.Generator().manual_seed(123)
+    generator.set_state(signs)
+    ep = EquilibriumPropagation("mse", "nudge", "random", 0.02, Dynamics(5), generator=generator)
+    report = gradient_fidelity(net, ep, x, y)
+    want = {"epoch": 1.0, "fidelity/diverged": 0.0, "fidelity/min_cosine": report["min_cosine"],
+            "fidelity/max_rel_err": report["max_rel_err"]}
+    for k, layer in enumerate(report["layers"], start=1):  # VGG5 4conv: layers 1-4 pool
+        names = ("cosine", "rel_err", "kinks") + (("ties",) if k <= 4 else ())
+        want.update({f"fidelity/layer{k}/{name}": float(layer[name]) for name in names})
+    assert len(want) == 4 + 5 * 3 + 4 and 0.9 < want["fidelity/min_cosine"] < 1
+
+    with open(glob.glob(str(root / "csv" / "version_*" / "metrics.csv"))[0]) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fidelity/layer1/cosine")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert {k: float(rows[2][k]) for k in want} == want
+
+    wandb_file = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))[0]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in _wandb_records(Path(wandb_file)) if r.WhichOneof("record_type") == "history"]
+    logged = [h for h in history if "fidelity/layer1/cosine" in h]
+    assert [h["trainer/global_step"] for h in logged] == [0, 2, 4]
+    assert {k: logged[2][k] for k in want} == want
+
+
+def test_the_check_changes_nothing_the_run_trains(runs):
+    """Same seed with and without the callback: bitwise equal weights, optimizer and sign
+    generator (the random scheme's signs come from a copy of the generator)."""
+    _, a, b = runs
+    assert a["sign_generators"][0].equal(b["sign_generators"][0])
+    assert len(a["state_dict"]) == 10
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    moments = [s["momentum_buffer"] for s in a["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(m, s["momentum_buffer"]) for m, s in
+               zip(moments, b["optimizer_states"][0]["state"].values()))
+
+
+def test_interval_must_be_a_positive_integer():
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="every_n_steps"):
+            GradientFidelity(bad)
