@@ -336,7 +336,7 @@ def gradient_fidelity(network: PCN, ep: EquilibriumPropagation, x: Tensor, y: Te
     for every step.
     """
     ep = copy.copy(ep)
-    ep.count_kinks, ep.interrupt = True, None
+    ep.count_kinks = True  # the interrupt stays: a stop request must not wait for this check
     if betas is None:
         betas = ep.signed_betas(x.shape[0], x.device)
     params = list(network.parameters())
