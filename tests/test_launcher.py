@@ -30,6 +30,17 @@ def _wait_for(predicate, timeout, what):
         time.sleep(0.2)
 
 
+def _submitit_job() -> psutil.Process:
+    """The submitit job's process among this test's descendants (which may hold zombies)."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "submitit.core._submit" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:  # ended meanwhile, or a zombie left by an earlier test
+            continue
+    pytest.fail("no submitit job among this process's children")
+
+
 def test_a_signalled_job_saves_requeues_and_resumes_from_its_last_ckpt(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "SLURM_CLUSTER", "local")
     monkeypatch.setitem(reproduce.TABLES, "tiny", TINY)
@@ -38,16 +49,24 @@ def test_a_signalled_job_saves_requeues_and_resumes_from_its_last_ckpt(tmp_path,
     sweep = threading.Thread(target=lambda: result.update(code=reproduce.main(
         ["tiny", "--smoke", "--launcher", "slurm", "--wait", "--no-report", "--out", str(tmp_path)])))
     sweep.start()
-    _wait_for((run_dir / "checkpoints" / "last.ckpt").exists, 150, "the first epoch's last.ckpt")
-    job = next(p for p in psutil.Process().children(recursive=True)
-               if "submitit.core._submit" in " ".join(p.cmdline()))
-    (fit,) = job.children()
-    # SLURM signals every process of the job: the fit process ignores submitit's signal, the job's
-    # wrapper stops it with SIGTERM (last.ckpt after the current step) and requeues itself.
-    os.kill(fit.pid, signal.SIGUSR2)
-    time.sleep(0.5)
-    os.kill(job.pid, signal.SIGUSR2)
-    sweep.join(timeout=150)
+    try:
+        _wait_for((run_dir / "checkpoints" / "last.ckpt").exists, 150, "the first epoch's last.ckpt")
+        job = _submitit_job()
+        (fit,) = job.children()
+        # SLURM signals every process of the job: the fit process ignores submitit's signal, the
+        # job's wrapper stops it with SIGTERM (last.ckpt after the current step) and requeues itself.
+        os.kill(fit.pid, signal.SIGUSR2)
+        time.sleep(0.5)
+        os.kill(job.pid, signal.SIGUSR2)
+        sweep.join(timeout=150)
+    finally:  # a failed wait must not leave the job training in the background of later tests
+        if sweep.is_alive():
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+            sweep.join(timeout=30)
     assert not sweep.is_alive() and result["code"] == 0, capsys.readouterr()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "ok" and "--ckpt_path=last" in record["command"]
