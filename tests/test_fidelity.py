@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from pcn_ep.core import VGG5, Dynamics, EquilibriumPropagation, gradient_fidelity
+from pcn_ep.experiments import report
 from pcn_ep.experiments.report import _wandb_records
 from pcn_ep.training.cli import DEFAULT_CONFIG, main
 from pcn_ep.training.fidelity import GradientFidelity
@@ -70,10 +71,10 @@ def test_logged_figures_equal_gradcheck_on_the_same_weights_batch_and_signs(runs
     generator = torch.Generator().manual_seed(123)
     generator.set_state(signs)
     ep = EquilibriumPropagation("mse", "nudge", "random", 0.02, Dynamics(5), generator=generator)
-    report = gradient_fidelity(net, ep, x, y)
-    want = {"epoch": 1.0, "fidelity/diverged": 0.0, "fidelity/min_cosine": report["min_cosine"],
-            "fidelity/max_rel_err": report["max_rel_err"]}
-    for k, layer in enumerate(report["layers"], start=1):  # VGG5 4conv: layers 1-4 pool
+    checked = gradient_fidelity(net, ep, x, y)
+    want = {"epoch": 1.0, "fidelity/diverged": 0.0, "fidelity/min_cosine": checked["min_cosine"],
+            "fidelity/max_rel_err": checked["max_rel_err"]}
+    for k, layer in enumerate(checked["layers"], start=1):  # VGG5 4conv: layers 1-4 pool
         names = ("cosine", "rel_err", "kinks") + (("ties",) if k <= 4 else ())
         want.update({f"fidelity/layer{k}/{name}": float(layer[name]) for name in names})
     assert len(want) == 4 + 5 * 3 + 4 and 0.9 < want["fidelity/min_cosine"] < 1
@@ -83,12 +84,36 @@ def test_logged_figures_equal_gradcheck_on_the_same_weights_batch_and_signs(runs
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
     assert {k: float(rows[2][k]) for k in want} == want
 
-    wandb_file = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))[0]
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-               for r in _wandb_records(Path(wandb_file)) if r.WhichOneof("record_type") == "history"]
-    logged = [h for h in history if "fidelity/layer1/cosine" in h]
+    logged = [h for h in _history(next((root / "wandb").glob("offline-run-*")))
+              if "fidelity/layer1/cosine" in h]
     assert [h["trainer/global_step"] for h in logged] == [0, 2, 4]
     assert {k: logged[2][k] for k in want} == want
+
+
+def test_the_report_reads_the_monitor_from_the_runs_csv_as_wandb_logged_it(runs, tmp_path):
+    """What the fit logged is what ``report`` draws: per-epoch curves from metrics.csv (as
+    ``reproduce`` leaves it beside run.json) and from the offline W&B run folder alike."""
+    root, _, _ = runs
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.csv").write_bytes(
+        next((root / "csv").glob("version_*/metrics.csv")).read_bytes())
+    (folder / "run.json").write_text(json.dumps(
+        {"table": "table_costs", "cell": {"method": "ep"}, "seed": 0, "status": "ok"}))
+    from_csv = report.read_record(folder / "run.json")
+    assert sorted(from_csv.curves["fidelity/min_cosine"]) == [0, 1]   # checks at steps 0, 2 | 4
+    wandb_dir = next((root / "wandb").glob("offline-run-*"))
+    min_cosine = [h["fidelity/min_cosine"] for h in _history(wandb_dir)
+                  if "fidelity/min_cosine" in h]
+    assert from_csv.curves["fidelity/min_cosine"] == pytest.approx(
+        {0: (min_cosine[0] + min_cosine[1]) / 2, 1: min_cosine[2]})
+    assert report.has_fidelity([from_csv])
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in _wandb_records(next(run_dir.glob("run-*.wandb")))
+            if r.WhichOneof("record_type") == "history"]
 
 
 def test_the_check_changes_nothing_the_run_trains(runs):

@@ -15,14 +15,18 @@ from pcn_ep.experiments import report, reproduce, tables
 COSTS = {"dataset": "mnist", "cost": "mse", "method": "ep"}
 
 
-def _record(folder, table, labels, seed, status, top1=None, epochs=(), smoke=False):
-    """A run folder as ``reproduce`` leaves it: run.json and Lightning's metrics.csv."""
+def _record(folder, table, labels, seed, status, top1=None, epochs=(), smoke=False, fidelity=()):
+    """A run folder as ``reproduce`` leaves it: run.json and Lightning's metrics.csv (``fidelity``:
+    (epoch, min cosine, max relative error) rows, as the GradientFidelity callback logs them)."""
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps(
         {"table": table, "cell": labels, "seed": seed, "status": status, "smoke": smoke}))
     with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "val/top1_error", "train/error", "test/top1_error"])
+        writer = csv.DictWriter(f, ["epoch", "val/top1_error", "train/error", "test/top1_error",
+                                    "fidelity/min_cosine", "fidelity/max_rel_err"])
         writer.writeheader()
+        writer.writerows({"epoch": e, "fidelity/min_cosine": c, "fidelity/max_rel_err": r}
+                         for e, c, r in fidelity)
         for epoch, value in epochs:
             writer.writerow({"epoch": epoch, "val/top1_error": value, "train/error": value / 2})
         if top1 is not None:
@@ -294,3 +298,31 @@ def test_figures_keep_a_sane_shape_and_write_a_legible_png(tmp_path):
     assert fig.axes[0].get_xlabel() == "K (nudge iterations)"
     assert fig.axes[0].get_ylabel() == "β (nudge strength)"
     assert not math.isnan(float(fig.axes[0].texts[0].get_text()))
+
+
+def test_the_fidelity_monitor_gets_its_own_figure_and_table_for_ep_cells(tmp_path):
+    """Issue 17: the GradientFidelity callback's worst cosine and relative error per epoch, one
+    line per EP cell (BP logs none), drawn as logged (not in %), and in the Markdown."""
+    root = tmp_path / "results"
+    checks = [(0, 0.99, 0.1), (0, 0.97, 0.3), (1, 0.9, 0.5)]   # two in epoch 0, one in epoch 1
+    for method, logged in (("ep", checks), ("bp", ())):
+        _record(root / method, "fig_batch_size", {"batch_size": 16, "method": method}, 0, "ok",
+                0.3, [(0, 0.5), (1, 0.4)], fidelity=logged)
+    runs = report.read_runs(root)
+    cells = report.summarize(runs)
+    fig = report.build_fidelity_figure("fig_batch_size", runs, cells)
+    cosine, rel_err = fig.axes
+    assert cosine.get_ylabel() == report.words("fidelity/min_cosine") != "fidelity/min_cosine"
+    assert [list(line.get_ydata()) for line in cosine.lines] == [pytest.approx([0.98, 0.9])]
+    assert [list(line.get_ydata()) for line in rel_err.lines] == [pytest.approx([0.2, 0.5])]
+    assert "gradient fidelity" in _texts(fig)
+    written = report.write_report(root, tmp_path / "out")
+    assert tmp_path / "out" / "fig_batch_size_fidelity.png" in written
+    md = (tmp_path / "out" / "fig_batch_size.md").read_text()
+    assert _row(md, "| batch_size=16, method=ep |").endswith("| 0.9800 | 0.9000 | 0.2000 | 0.5000 |")
+    assert "batch_size=16, method=bp" not in md.split("Gradient fidelity")[1]
+    # A table whose runs never logged the monitor gets no fidelity figure or section.
+    _curves_root(tmp_path / "plain", "table_costs", [COSTS])
+    written = report.write_report(tmp_path / "plain", tmp_path / "plain_out")
+    assert not any("fidelity" in p.name for p in written)
+    assert "Gradient fidelity" not in (tmp_path / "plain_out" / "table_costs.md").read_text()

@@ -20,6 +20,7 @@ from pcn_ep.core import MLP, VGG5, VGG10, VGG10Skip
 from pcn_ep.data import (DigitsDataModule, ImageDataModule, ImageFolderDataModule,
                          ImageNetDataModule, TensorDataModule)
 from pcn_ep.training.cli import main
+from pcn_ep.training.loggers import WandbLogger
 from pcn_ep.training.module import PCNEPModule
 from test_training import tiny_config
 
@@ -269,3 +270,27 @@ def test_real_results_are_ignored_by_git_and_the_kept_reports_are_not():
     assert ignored("results/smoke/table_costs/x/run.json") and ignored("runs/quickstart/seed0/x")
     assert not ignored("results/smoke/report/table_costs.md")
     assert not ignored("results/parity/parity.md")
+
+
+def test_wandb_writes_where_the_command_runs_even_if_its_service_started_elsewhere(tmp_path,
+                                                                                   monkeypatch):
+    """W&B's service process keeps the working directory it started in, and child processes reuse
+    it (WANDB_SERVICE): given a relative folder, it wrote the run's console log (output.log) there,
+    into the checkout in the test suite, and the run folder was split in two."""
+    import wandb
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    wandb.teardown()  # a service started by an earlier test would sit elsewhere
+    monkeypatch.chdir(first)
+    try:
+        wandb.init(mode="offline", dir=str(first), settings=wandb.Settings(silent=True)).finish()
+        monkeypatch.chdir(second)
+        logger = WandbLogger(save_dir="runs/x", offline=True)
+        logger.log_metrics({"loss": 1.0}, step=0)
+        print("a line of the run's console output")
+        logger.close("ok")
+    finally:
+        wandb.teardown()
+    assert list(second.glob("runs/x/wandb/offline-run-*/files/output.log"))
+    assert not (first / "runs").exists()

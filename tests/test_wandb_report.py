@@ -27,9 +27,11 @@ def _record(folder, table, labels, seed, top1, smoke=False):
     (folder / "run.json").write_text(json.dumps(
         {"table": table, "cell": labels, "seed": seed, "status": "ok", "smoke": smoke}))
     with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["epoch", "val/top1_error", "test/top1_error"])
+        writer = csv.DictWriter(f, ["epoch", "val/top1_error", "test/top1_error",
+                                    "fidelity/min_cosine", "fidelity/max_rel_err"])
         writer.writeheader()
-        writer.writerows([{"epoch": 0, "val/top1_error": 0.5}, {"epoch": 1, "val/top1_error": top1},
+        writer.writerows([{"epoch": 0, "fidelity/min_cosine": 0.99, "fidelity/max_rel_err": 0.1},
+                          {"epoch": 0, "val/top1_error": 0.5}, {"epoch": 1, "val/top1_error": top1},
                           {"epoch": 2, "test/top1_error": top1}])
 
 
@@ -91,13 +93,18 @@ def test_panels_draw_the_error_curves_the_beta_K_grid_and_the_figures(results):
                                         wr.SummaryMetric("test/top1_error"))
     assert isinstance(curve, wr.LinePlot) and curve.x == "epoch" and curve.y == ["val/top1_error"]
     assert curve.title == "Validation top-1 error per epoch (fraction)"   # W&B logs fractions
-    assert [p.y for p in costs.panels] == [["val/top1_error"]]   # as table_costs.png
+    # As table_costs.png, then the gradient-fidelity monitor (every table has EP runs).
+    assert [p.y for p in costs.panels] == [["val/top1_error"], ["fidelity/min_cosine"],
+                                           ["fidelity/max_rel_err"]]
+    assert costs.panels[1].title == "Gradient cosine, EP vs backprop (worst tensor) per epoch"
+    assert beta_k.panels[-1].y == ["fidelity/max_rel_err"]
     for grid, table in ((figure_bk, "table_beta_K"), (figure_costs, "table_costs")):
         (media,) = grid.panels
-        assert isinstance(media, wr.MediaBrowser) and media.media_keys == [f"figures/{table}"]
+        assert isinstance(media, wr.MediaBrowser)
+        assert media.media_keys == [f"figures/{table}", f"figures/{table}_fidelity"]
         assert expr.string_to_filterexpr_list(grid.runsets[0].filters) == \
             [expr.Metric("ID") == "run123"]
-        assert (out / f"{table}.png").is_file()
+        assert (out / f"{table}.png").is_file() and (out / f"{table}_fidelity.png").is_file()
     # Before the figures are logged to a run there is nothing to point a media panel at.
     unpublished = wandb_report.build_report(wandb_report.specification(root, out), "lab")
     assert not any(isinstance(p, wr.MediaBrowser) for g in _grids(unpublished.blocks) for p in g.panels)

@@ -60,9 +60,11 @@ class Run:
 
 # -- reading runs -------------------------------------------------------------------------------
 def _add(curves: dict, final: dict, row: dict, epoch: int | None) -> None:
-    """One logged row: test/* values are final, val/* and train/error feed per-epoch curves."""
+    """One logged row: test/* values are final; val/*, train/error and the gradient-fidelity
+    monitor's fidelity/* feed per-epoch curves."""
     for name, value in row.items():
-        if value is None or value == "" or not name.startswith(("test/", "val/", "train/error")):
+        if value is None or value == "" or not name.startswith(("test/", "val/", "train/error",
+                                                                  "fidelity/")):
             continue
         value = float(value)
         if name.startswith("test/"):
@@ -264,7 +266,14 @@ WORDS = {"val/top1_error": "Validation top-1 error (%)", "val/top5_error": "Vali
          "K": "K (nudge iterations)", "alpha": "α (update step)", "scheme": "Finite-difference scheme",
          "method": "Method", "dataset": "Data set", "order": "Traversal", "cost": "Cost",
          "output_gain": "Output-layer init gain", "batch_size": "Batch size", "model": "Network",
-         "rule": "Rule"}
+         "rule": "Rule", "fidelity/min_cosine": "Gradient cosine, EP vs backprop (worst tensor)",
+         "fidelity/max_rel_err": "Relative error, EP vs backprop (worst tensor)"}
+# What the GradientFidelity callback logs that the report draws (pcn_ep/training/fidelity.py).
+FIDELITY = ("fidelity/min_cosine", "fidelity/max_rel_err")
+FIDELITY_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity) per epoch, the mean of "
+                    "its checks in that epoch: the worst parameter tensor's cosine and relative "
+                    "error between EP's gradient estimate and backprop's gradient on the same batch "
+                    "and weights (1 and 0 are exact).")
 PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's final test number
 # Training-curve figures: (panel per value of this label, metrics plotted); the default is one
 # panel each for validation top-1 and top-5.
@@ -332,6 +341,7 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool 
                 k = min(run.energy["K_config"], len(c["mean"]) - 1)
                 lines.append(f"| {name} | {c['mean'][0]:.4g} | {c['mean'][k]:.4g} | "
                              f"{run.energy['delta_F'][name]:+.4g} |")
+    lines += _fidelity_lines(table, cells)
     if info.get("literature"):
         lines += ["", "Other rows of the paper's table (not reproduced here):", "",
                   "| setting | top-1 | top-5 |", "|---|---|---|"]
@@ -350,6 +360,32 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool 
                   "written by the CLI. The logger's exit code is not the run's (a run that fails its "
                   "config check still closes W&B cleanly), so these runs give no numbers."]
     return "\n".join(lines) + "\n"
+
+
+def has_fidelity(runs: list[Run]) -> bool:
+    return any(metric in run.curves for run in runs for metric in FIDELITY)
+
+
+def _fidelity_lines(table: str, cells: dict) -> list[str]:
+    """The fidelity monitor's worst cosine and relative error in the first and last epoch it
+    checked, per EP cell (mean over the runs that ended ok or diverged)."""
+    rows = []
+    for cell in cells.values():
+        runs = [r for r in cell["runs"] if r.status in ("ok", "diverged")
+                and all(m in r.curves for m in FIDELITY)]
+        if not runs:
+            continue
+        values = [statistics.mean(list(r.curves[metric].values())[end] for r in runs)
+                  for metric in FIDELITY for end in (0, -1)]
+        rows.append("| " + ", ".join(f"{k}={v}" for k, v in cell["labels"].items()) + " | "
+                    + " | ".join(f"{v:.4f}" for v in values) + " |")
+    if not rows:
+        return []
+    return ["", f"Gradient fidelity during training ({table}_fidelity.png): EP's gradient against "
+            "backprop's on the same batch and weights, the worst parameter tensor, mean of the "
+            "checks in the first and the last epoch, mean over seeds.", "",
+            "| cell | cosine (first epoch) | cosine (last epoch) | rel. error (first epoch) | "
+            "rel. error (last epoch) |", "|---|---|---|---|---|", *rows]
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -427,7 +463,8 @@ def _paper_value(rows: list, labels: dict, key: str) -> float | None:
 
 def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = None) -> None:
     """One line per cell (BP dashed); ◆ the cell's final test error at its last epoch, the paper's
-    final test error as a dotted line in the cell's colour."""
+    final test error as a dotted line in the cell's colour. Errors are drawn in %, fidelity/*
+    (cosines, relative errors) as logged."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -438,7 +475,7 @@ def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = 
             if run.status not in ("ok", "diverged"):
                 continue
             for epoch, v in run.curves.get(metric, {}).items():
-                points[epoch].append(100 * v)
+                points[epoch].append(v if metric in FIDELITY else 100 * v)
         if not points:
             continue
         epochs, color = sorted(points), f"C{i % 10}"
@@ -535,26 +572,51 @@ def build_figure(table: str, runs: list[Run], cells: dict, paper: dict | None = 
             if facet:
                 ax.set_title(f"{words(facet)}: {name}")
         bottom = _legend(fig, axes.flat, extra) or bottom
+    return _finish(fig, axes, title_of(table), caption(table, paper, smoke), smoke, bottom)
+
+
+def build_fidelity_figure(table: str, runs: list[Run], cells: dict, smoke: bool = False):
+    """The gradient-fidelity monitor's figure: worst-tensor cosine and relative error per epoch,
+    one line per EP cell; None when no run logged it."""
+    if not has_fidelity(runs):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.6), squeeze=False)
+    for ax, metric in zip(axes.flat, FIDELITY):
+        _curves(ax, cells, metric, [])
+    bottom = _legend(fig, axes.flat, []) or 0.45
+    return _finish(fig, axes, f"{title_of(table)}: gradient fidelity during training",
+                   FIDELITY_CAPTION, smoke, bottom)
+
+
+def _finish(fig, axes, title: str, text: str, smoke: bool, bottom: float):
+    """Title (and smoke banner) above the panels, the caption below them; empty panels hidden.
+    ``bottom``: inches kept below the panels for the caption and legend."""
     for ax in axes.flat:
         if not ax.has_data():
             ax.set_visible(False)
     height = fig.get_figheight()
     top = 0.45 + 0.35 * smoke   # inches kept for the title (and the smoke banner)
-    fig.suptitle(title_of(table), fontsize=14, y=1 - 0.12 / height, va="top")
+    fig.suptitle(title, fontsize=14, y=1 - 0.12 / height, va="top")
     if smoke:
         fig.text(0.5, 1 - 0.55 / height, SMOKE_BANNER, ha="center", va="top", fontsize=11,
                  color="white", weight="bold", bbox={"facecolor": "firebrick", "edgecolor": "none"})
-    fig.text(0.5, 0.1 / height, caption(table, paper, smoke), ha="center", va="bottom",
-             fontsize=9, wrap=True)
+    fig.text(0.5, 0.1 / height, text, ha="center", va="bottom", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
     return fig
 
 
 def figure(table: str, runs: list[Run], cells: dict, path: Path, paper: dict | None = None,
-           smoke: bool = False) -> Path | None:
+           smoke: bool = False, fidelity: bool = False) -> Path | None:
+    """Save the table's figure (``fidelity``: its gradient-fidelity figure) to ``path``."""
     import matplotlib.pyplot as plt
 
-    fig = build_figure(table, runs, cells, paper, smoke)
+    fig = (build_fidelity_figure(table, runs, cells, smoke) if fidelity
+           else build_figure(table, runs, cells, paper, smoke))
     if fig is None:
         return None
     fig.savefig(path, dpi=110)
@@ -585,8 +647,9 @@ def collect(results: Path, smoke: bool | None = None) -> tuple[bool, dict, dict]
 
 def write_report(results: Path, out: Path, tables: list[str] | None = None,
                  smoke: bool | None = None) -> list[Path]:
-    """Write TABLE.md and TABLE.png for every table with runs of the results root ``results``
-    (``smoke`` as in ``collect``); return the paths."""
+    """Write TABLE.md, TABLE.png and (where EP runs logged the fidelity monitor)
+    TABLE_fidelity.png for every table with runs of the results root ``results`` (``smoke`` as in
+    ``collect``); return the paths."""
     smoke, by_table, left_by_table = collect(results, smoke)
     paper = paper_results()
     out.mkdir(parents=True, exist_ok=True)
@@ -601,9 +664,11 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
         cells = summarize(table_runs)
         md.write_text(markdown(table, table_runs, cells, paper, smoke, left_by_table[table]))
         written.append(md)
-        png = figure(table, table_runs, cells, out / f"{table}.png", paper, smoke)
-        if png:
-            written.append(png)
+        for png in (figure(table, table_runs, cells, out / f"{table}.png", paper, smoke),
+                    figure(table, table_runs, cells, out / f"{table}_fidelity.png", smoke=smoke,
+                           fidelity=True)):
+            if png:
+                written.append(png)
     return written
 
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from . import report
+from .reproduce import CONFIGS
 from .tables import TABLES
 
 SPEC = "wandb_report.json"
@@ -28,15 +29,24 @@ def runs_in_wandb(table: str) -> bool:
     return any(cell.command == "fit" for cell in TABLES[table].cells())
 
 
+def logs_fidelity(table: str) -> bool:
+    """Whether a fit run of the table has the gradient-fidelity monitor (every EP config does)."""
+    return any(cell.command == "fit" and "GradientFidelity" in (CONFIGS / cell.config).read_text()
+               for cell in TABLES[table].cells())
+
+
 def panels(table: str) -> list[dict]:
     """The run-set panels of a table: the error curves its figure draws (per epoch, each run a
-    line), and for Fig. 2 the runs over β × K with their final test error (a scatter panel over
-    the runs, the error its third axis: W&B's built-in panels have no heat map; ours is the
-    figure)."""
+    line), the gradient-fidelity monitor's worst cosine and relative error for tables with EP runs,
+    and for Fig. 2 the runs over β × K with their final test error (a scatter panel over the runs,
+    the error its third axis: W&B's built-in panels have no heat map; ours is the figure)."""
     found = [{"kind": "line",
               "title": f"{report.words(metric).replace(' (%)', '')} per epoch (fraction)",
               "x": "epoch", "y": metric}
              for metric in report.CURVES.get(table, (None, DEFAULT_CURVES))[1]]
+    if logs_fidelity(table):
+        found += [{"kind": "line", "title": f"{report.words(metric)} per epoch", "x": "epoch",
+                   "y": metric} for metric in report.FIDELITY]
     if table == "table_beta_K":
         found.insert(0, {"kind": "grid", "title": "β × K: final test top-1 error (fraction)",
                          "x": "cell.beta", "y": "cell.K", "value": "test/top1_error"})
@@ -57,14 +67,15 @@ def specification(results: Path, out: Path, tables: list[str] | None = None,
     sections = []
     for table in chosen:
         md = (out / f"{table}.md").read_text()
-        png = out / f"{table}.png"
+        png, fidelity_png = out / f"{table}.png", out / f"{table}_fidelity.png"
         sections.append({
             "table": table, "title": report.title_of(table),
             "markdown": md.split("\n", 1)[1].strip(),  # the title is the section's heading
             "runset": {"name": table, "project": project, "filters": run_filter(table, smoke)}
             if runs_in_wandb(table) else None,
             "panels": panels(table) if runs_in_wandb(table) else [],
-            "figure": {"file": png.name, "key": f"figures/{table}"} if png.exists() else None})
+            "figures": [{"file": p.name, "key": f"figures/{p.stem}"}
+                        for p in (png, fidelity_png) if p.exists()]})
     kind = " (smoke runs)" if smoke else ""
     return {
         "title": f"pcn-ep: Kerjan, Høier & Scellier (2026), table by table{kind}",
@@ -106,12 +117,12 @@ def build_report(spec: dict, entity: str, figures_run: str | None = None):
                 runsets=[wr.Runset(entity=entity, project=rs["project"], name=rs["name"],
                                    filters=rs["filters"])],
                 panels=[panel(p) for p in section["panels"]]))
-        if section["figure"] and figures_run:
+        if section["figures"] and figures_run:
             blocks.append(wr.PanelGrid(
                 runsets=[wr.Runset(entity=entity, project=spec["project"], name="figures",
                                    filters=f"Metric(\"ID\") == '{figures_run}'")],
                 panels=[wr.MediaBrowser(title=section["title"],
-                                        media_keys=[section["figure"]["key"]])]))
+                                        media_keys=[f["key"] for f in section["figures"]])]))
     return wr.Report(project=spec["project"], entity=entity, title=spec["title"],
                      description=spec["description"], blocks=blocks, width="fluid")
 
@@ -120,11 +131,11 @@ def publish(spec: dict, out: Path) -> str:
     """Log the figures to one W&B run, save the Report; return its URL."""
     import wandb
 
-    run = wandb.init(project=spec["project"], job_type="report", dir=str(out),
+    run = wandb.init(project=spec["project"], job_type="report", dir=str(out.resolve()),
                      name=spec["title"][:120], settings=wandb.Settings(init_timeout=60))
     for section in spec["sections"]:
-        if section["figure"]:
-            run.log({section["figure"]["key"]: wandb.Image(str(out / section["figure"]["file"]))})
+        for figure in section["figures"]:
+            run.log({figure["key"]: wandb.Image(str(out / figure["file"]))})
     entity, run_id = run.entity, run.id
     run.finish()
     return build_report(spec, entity, run_id).save().url

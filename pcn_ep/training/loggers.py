@@ -53,6 +53,9 @@ class WandbLogger(_WandbLogger):
             import wandb
 
             kwargs["settings"] = wandb.Settings(silent=True)
+        # Absolute: W&B's service process resolves a relative folder against its own working
+        # directory, that of the first process that started it (children reuse it).
+        save_dir = os.path.abspath(save_dir)
         super().__init__(project=project, name=name, group=group, tags=tags, save_dir=save_dir,
                          offline=offline, **kwargs)
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb: passing it only warns
