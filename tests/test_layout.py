@@ -96,3 +96,21 @@ def test_help_lists_every_command_with_one_line(capsys):
                if "def main(" in p.read_text()}
     assert modules <= {m.rsplit(".", 1)[1] for m, _ in COMMANDS.values()}  # no command left out
     assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_a_bad_flag_of_any_command_is_one_error_line(capsys):
+    """Every command outside Lightning's CLI: a misspelt flag or a value of the wrong type is one
+    ``pcn_ep: error:`` line naming the command and the flag, exit 2 (not argparse's usage dump)."""
+    import pytest
+
+    from pcn_ep.__main__ import COMMANDS, LIGHTNING, main
+
+    cases = [([c, "--no-such-flag"], "--no-such-flag") for c in COMMANDS if c not in LIGHTNING]
+    cases.append((["gradcheck", "--min-cosine", "abc"], "--min-cosine"))
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and err.count("\n") == 1, (argv, err)
+        assert err.startswith(f"pcn_ep: error: {argv[0]}: "), err
+        assert flag in err or "arguments are required" in err, err   # argparse names those first

@@ -7,10 +7,11 @@ never leaves a half-written file under the final name; an existing output is kep
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
+
+from ..commandline import CommandParser
 
 
 def write_ffcv(src: str | Path, out: str | Path, max_resolution: int = 512, jpeg_quality: int = 90,
@@ -76,7 +77,7 @@ class _Reporting:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep write-ffcv", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep write-ffcv", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--out", required=True, help="the .beton file to write")
     p.add_argument("--max-resolution", type=int, default=512,

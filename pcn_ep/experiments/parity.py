@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..commandline import CommandParser
 from ..core import MLP, Backprop, Dynamics, EquilibriumPropagation
 from ..core.hopfield import HopfieldEP, HopfieldNet
 from ..data.parity import MAX_SEED, SparseParityDataModule, check_task
@@ -153,14 +154,8 @@ def movement_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as every pcn_ep error
-        print(f"pcn_ep: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m pcn_ep parity", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep parity", description=__doc__.split("\n")[0])
     task = p.add_argument_group("task (none given: the write-up's n=3/k=3 50/50 and n=20/k=3 "
                                 "500/200; a value not given is taken from n=20/k=3)")
     task.add_argument("--n-bits", type=int, help="input bits n")

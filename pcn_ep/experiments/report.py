@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from ..commandline import CommandParser
 from .tables import TABLES
 
 METRICS = ("test/top1_error", "test/top5_error")
@@ -673,7 +674,7 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep report", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep report", description=__doc__.split("\n")[0])
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tables", nargs="+", default=None, help="default: every table found")

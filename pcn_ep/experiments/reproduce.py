@@ -40,6 +40,7 @@ from pathlib import Path
 
 import yaml
 
+from ..commandline import CommandParser
 from .tables import TABLES, Cell, Table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -353,7 +354,7 @@ def gpu_slots(gpus: int, ddp: bool) -> list[list[int]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep reproduce",
+    p = CommandParser(prog="python -m pcn_ep reproduce",
                                 description="run one paper table's grid and write its report")
     p.add_argument("table", choices=sorted(TABLES))
     p.add_argument("--out", type=Path, default=None,

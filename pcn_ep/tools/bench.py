@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..commandline import CommandParser
 from ..core import (ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation,
                     compile_estimator)
 from ..training.fastfit import training_step
@@ -37,7 +38,7 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "32": 67e12}, "H200": {"bf16": 989e12, "3
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep bench", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep bench", description=__doc__.split("\n")[0])
     add_network_arguments(p, width_mult=0.25)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scheme", choices=SCHEMES, default="centered")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..commandline import CommandParser
 from ..core import Dynamics, get_cost, nudged_phase
 
 
@@ -39,7 +40,7 @@ def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics) -> 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep energy", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep energy", description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", required=True,
                    help="a training config (repeatable, layered like fit's)")
     p.add_argument("--ckpt", default=None, help="weights to load (a fit checkpoint)")

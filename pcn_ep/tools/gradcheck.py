@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import Tensor
 
+from ..commandline import CommandParser
 from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES, Dynamics,
                     EquilibriumPropagation, gradient_fidelity)
 
@@ -51,7 +52,7 @@ def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0],
+    p = CommandParser(prog="python -m pcn_ep gradcheck", description=__doc__.split("\n")[0],
                                 epilog="Exit status: 0 pass, 1 below a threshold or diverged, 2 bad "
                                        "flags.")
     add_network_arguments(p, width_mult=0.125)
