@@ -51,6 +51,12 @@ def test_cell_commands_parse_and_carry_their_overrides(tmp_path, capsys, smoke):
                 for part in key.split("."):
                     node = node[part]
                 assert node == value, (table.name, key)
+            # The config's own callbacks: its checkpoint metric, the gradient-fidelity monitor.
+            own = yaml.safe_load((reproduce.CONFIGS / cell.config).read_text())["trainer"]["callbacks"]
+            callbacks = config["trainer"]["callbacks"]
+            assert [c["class_path"] for c in callbacks] == [c["class_path"] for c in own]
+            assert callbacks[0]["init_args"]["dirpath"] == str(tmp_path / table.name / "checkpoints")
+            assert callbacks[0]["init_args"]["monitor"] == own[0]["init_args"]["monitor"]
             wandb = config["trainer"]["logger"][1]["init_args"]
             assert wandb["group"] == table.name and wandb["project"] == "p"
             assert wandb["config"]["cell"] == cell.labels

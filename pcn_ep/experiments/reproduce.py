@@ -93,7 +93,9 @@ def data_error(table: str, missing: dict[str, str]) -> str:
 
 def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str,
                 smoke: bool) -> dict:
-    """The per-run config layered last: where it logs (CSV + W&B) and checkpoints."""
+    """The per-run config layered last: where it logs (CSV + W&B) and checkpoints. The config's
+    own callbacks stay (its checkpoint metric, the gradient-fidelity monitor): their folders
+    follow ``trainer.default_root_dir``."""
     run = str(run_dir)
     tags = [f"{k}={v}" for k, v in cell.labels.items()] + [f"seed={seed}"]
     return {"trainer": {
@@ -106,11 +108,6 @@ def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str
                            "name": f"{cell.name}/seed={seed}", "save_dir": run,
                            "config": {"table": table.name, "cell": cell.labels, "seed": seed,
                                       "smoke": smoke}}}],
-        "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": f"{run}/checkpoints", "monitor": "val/top1_error",
-                           "mode": "min", "save_last": False, "enable_version_counter": False}},
-            {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}],
     }}
 
 
