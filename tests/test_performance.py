@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import batch, ep_estimator
 from pcn_ep.tools.bench import main as bench
-from pcn_ep.tools.bench import step_flops
+from pcn_ep.tools.bench import estimator, parser, step_flops
 from pcn_ep.core import VGG5, VGG10, Backprop
 
 
@@ -46,6 +46,12 @@ def test_bench_reports_side_by_side(capsys):
     assert report["flop_ratio"] > 1 and report["mfu"] is None and report["device"] == "cpu"
     assert report["ep_kernels"] > report["bp_kernels"] > 0
     assert bench(["--device", "cuda"] if not torch.cuda.is_available() else ["--K", "0"]) == 2
+
+
+def test_bench_times_the_pool_routing_asked_for():
+    assert estimator(parser().parse_args([]), "centered").pool_routing == "free"
+    assert estimator(parser().parse_args(["--pool-routing", "nudged"]), "random").pool_routing == \
+        "nudged"
 
 
 def test_bench_memory_reports_bytes_per_example(capsys):

@@ -242,3 +242,18 @@ def test_energy_curves_start_at_beta_times_the_free_cost():
         assert torch.allclose(torch.tensor([f[0] for f in c["per_image"]], dtype=torch.float64),
                               sign * 0.05 * cost, atol=1e-12)
         assert not math.isclose(c["mean"][-1], c["mean"][0], abs_tol=1e-9)
+
+
+def test_energy_curves_follow_the_configs_pool_routing():
+    """On an image with flat regions (tied max-pool windows) the two routings relax differently;
+    the energy tool traces the one the training config uses."""
+    torch.manual_seed(0)
+    net = VGG5(in_channels=1, num_classes=10, input_size=16, width_mult=0.0625).double()
+    x = torch.zeros(4, 1, 16, 16, dtype=torch.float64)
+    x[:, :, 5:11, 5:11] = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.arange(4)
+    traced = {routing: energy_curves(net, x, y, "ce", 0.05, Dynamics(6, "mod-pgd", "async", 1.0),
+                                     routing)["mod-pgd/+"]["mean"]
+              for routing in ("free", "nudged")}
+    assert traced["free"][0] == traced["nudged"][0]          # the same free state
+    assert traced["free"][-1] != pytest.approx(traced["nudged"][-1], rel=1e-9, abs=0)

@@ -27,8 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..commandline import CommandParser
-from ..core import (ORDERS, RULES, SCHEMES, Backprop, Dynamics, EquilibriumPropagation,
-                    compile_estimator)
+from ..core import (ORDERS, POOL_ROUTINGS, RULES, SCHEMES, Backprop, Dynamics,
+                    EquilibriumPropagation, compile_estimator)
 from ..training.fastfit import training_step
 from .gradcheck import add_network_arguments, build_network
 
@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--rule", choices=RULES, default="mod-pgd")
     p.add_argument("--order", choices=ORDERS, default="async")
+    p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
+                   help="max-pool winners in the nudged phase: the free phase's, or recomputed")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true",
@@ -146,7 +148,7 @@ def estimator(args: argparse.Namespace, method: str):
     generator = torch.Generator(args.device).manual_seed(args.seed)
     return EquilibriumPropagation("ce", "nudge", method, args.beta,
                                   Dynamics(args.K, args.rule, args.order), generator=generator,
-                                  check_finite=False)
+                                  check_finite=False, pool_routing=args.pool_routing)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -280,7 +282,8 @@ def gpu_suite(args: argparse.Namespace) -> str:
             "num_classes": 1000, "in_channels": 3, "device": "cuda", "steps": 5}
     name = torch.cuda.get_device_name()
     lines = [f"GPU suite on {name}, torch {torch.__version__}: VGG10 224×224, batch "
-             f"{args.batch_size}, β {args.beta}, K {args.K}, {args.rule}, {args.order}", "",
+             f"{args.batch_size}, β {args.beta}, K {args.K}, {args.rule}, {args.order}, "
+             f"pool routing {args.pool_routing}", "",
              "| precision | compiled | method | images/s | EP/BP wall | EP/BP FLOPs | MFU | kernels |",
              "|---|---|---|---|---|---|---|---|"]
     for precision, compiled in (("32", False), ("bf16", False), ("32", True), ("bf16", True)):
@@ -372,7 +375,8 @@ def configuration(args: argparse.Namespace, device: str, batch: str | None = Non
               if on]
     return (f"{args.model.upper()} (width ×{args.width_mult:g}, {args.num_classes} classes), input "
             f"{shape}, batch {batch or args.batch_size}; {args.scheme} EP, β {args.beta:g}, K {args.K}, "
-            f"{args.rule}, {args.order}; {device}, precision {args.precision}"
+            f"{args.rule}, {args.order}, pool routing {args.pool_routing}; {device}, "
+            f"precision {args.precision}"
             + "".join(f", {e}" for e in extras))
 
 

@@ -21,9 +21,11 @@ from ..commandline import CommandParser
 from ..core import Dynamics, get_cost, nudged_phase
 
 
-def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics) -> dict:
+def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics,
+                  pool_routing: str = "free") -> dict:
     """Per-image F(K) for both rules at +β and −β: one free phase, then per rule one batched nudged
-    phase over [x; x] with β_i = [+β; −β] (as the centered estimator runs it), no weight gradients."""
+    phase over [x; x] with β_i = [+β; −β] (as the centered estimator runs it), no weight gradients.
+    ``pool_routing``: the training config's (see ``pcn_ep.core.equilibrium``)."""
     n, curves = len(y), {}
     betas = torch.cat([torch.full((n,), beta), torch.full((n,), -beta)]).to(x.device, torch.float64)
     with torch.no_grad():
@@ -31,7 +33,7 @@ def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics) -> 
         for rule in ("mod-pgd", "pgd"):
             nudged = nudged_phase(network, free, y.repeat(2), betas, get_cost(cost),
                                   Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
-                                  trace=True)
+                                  trace=True, pool_routing=pool_routing)
             f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × 2n
             for sign, half in (("+", f[:, :n]), ("-", f[:, n:])):
                 curves[f"{rule}/{sign}"] = {"mean": half.mean(1).tolist(),
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     network = model.network.to(args.device)
     hp = model.hparams
     dynamics = Dynamics(args.K_max, hp.rule, hp.order, hp.alpha)
-    curves = energy_curves(network, x.to(args.device), y.to(args.device), hp.cost, hp.beta, dynamics)
+    curves = energy_curves(network, x.to(args.device), y.to(args.device), hp.cost, hp.beta, dynamics,
+                           hp.get("pool_routing", "free"))
     result = {"K": list(range(args.K_max + 1)), "beta": hp.beta, "K_config": hp.K,
               "images": len(y), "checkpoint": args.ckpt, "curves": curves,
               "delta_F": {name: c["mean"][min(hp.K, args.K_max)] - c["mean"][0]
