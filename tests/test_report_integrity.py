@@ -224,8 +224,9 @@ def test_missing_data_fails_before_the_first_run_naming_the_flag(tmp_path, capsy
 
 # -- figures ----------------------------------------------------------------------------------------
 def _texts(fig) -> str:
-    return " ".join(t.get_text() for t in fig.texts) + " " + (fig._suptitle.get_text()
-                                                              if fig._suptitle else "")
+    """The figure's own texts, a wrapped line read as one."""
+    return " ".join(t.get_text().replace("\n", " ") for t in fig.texts) + " " + (
+        fig._suptitle.get_text() if fig._suptitle else "")
 
 
 def _curves_root(tmp_path, table, cells, smoke=False, epochs=2):
@@ -326,3 +327,32 @@ def test_the_fidelity_monitor_gets_its_own_figure_and_table_for_ep_cells(tmp_pat
     written = report.write_report(tmp_path / "plain", tmp_path / "plain_out")
     assert not any("fidelity" in p.name for p in written)
     assert "Gradient fidelity" not in (tmp_path / "plain_out" / "table_costs.md").read_text()
+
+
+def test_nothing_on_a_smoke_figure_is_cut_off_and_one_epoch_curves_show(tmp_path):
+    """Found in the smoke report: the banner ran past a one-heat-map figure's edges, the 24-cell
+    fidelity legend past both sides, and a one-epoch fidelity curve (a line of one point) was
+    invisible on an axis ticked 0.945, 0.960, …"""
+    def inside(fig):
+        fig.canvas.draw()
+        renderer, box = fig.canvas.get_renderer(), fig.bbox
+        for artist in [*fig.texts, *fig.legends, fig._suptitle]:
+            extent = artist.get_window_extent(renderer)
+            assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, artist
+            assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, artist
+
+    heat = [c.labels for c in tables.TABLES["table_beta_K"].cells()]
+    runs, cells = _curves_root(tmp_path / "bk", "table_beta_K", heat, smoke=True)
+    inside(report.build_figure("table_beta_K", runs, cells, smoke=True))
+    root = tmp_path / "schemes"
+    for i, cell in enumerate(tables.TABLES["table_schemes"].cells()):
+        _record(root / str(i), "table_schemes", cell.labels, 0, "ok", 0.4, [(0, 0.5), (1, 0.4)],
+                smoke=True, fidelity=[(1, 0.999, 0.01)])
+    runs = report.read_runs(root)
+    fig = report.build_fidelity_figure("table_schemes", runs, report.summarize(runs), smoke=True)
+    inside(fig)
+    assert report.SMOKE_BANNER in _texts(fig)
+    for ax in fig.axes:
+        assert all(line.get_marker() not in ("None", "", None) for line in ax.lines)
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert 2 in ticks and all(float(t).is_integer() for t in ticks), ticks  # from epoch 1

@@ -28,6 +28,7 @@ import math
 import statistics
 import struct
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -469,7 +470,7 @@ def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = 
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    key, finals, papers = PAPER_KEY.get(metric), False, False
+    key, finals, papers, last = PAPER_KEY.get(metric), False, False, 0
     for i, c in enumerate(cells.values()):
         points: dict = defaultdict(list)
         for run in c["runs"]:
@@ -484,7 +485,8 @@ def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = 
         label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
         style = "--" if c["labels"].get("method") == "bp" else "-"
         ax.plot(xs, [statistics.mean(points[e]) for e in epochs], style, color=color, lw=1.8,
-                label=label)
+                marker="o", ms=4, label=label)   # a marker: a one-epoch curve is still seen
+        last = max(last, xs[-1])
         final = [v for v in c.get(key, []) if not math.isnan(v)] if key else []
         if final:
             ax.plot(xs[-1], statistics.mean(final), "D", color=color, ms=7, mec="black")
@@ -494,6 +496,8 @@ def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = 
             ax.axhline(reference, color=color, ls=":", lw=1.6)
             papers = True
     ax.set_xlabel("Epoch")
+    if last:   # whole epochs: below two ticks' range the integer locator falls back to fractions
+        ax.set_xlim(0.5, last + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(words(metric))
     return ([Line2D([], [], color="gray", marker="D", ls="none", mec="black",
@@ -513,7 +517,9 @@ def _legend(fig, axes, extra: list) -> float | None:
         handles.setdefault(h.get_label(), h)
     if not handles:
         return
-    ncol = min(3, len(handles))
+    # As many columns as the longest label lets fit across the figure (~6 pt a character at 10 pt).
+    longest = max(len(label) for label in handles)
+    ncol = max(1, min(3, len(handles), int(fig.get_figwidth() * 72 / (6 * longest + 40))))
     rows = math.ceil(len(handles) / ncol)
     fig.set_figheight(fig.get_figheight() + 0.3 * rows)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=10,
@@ -601,10 +607,12 @@ def _finish(fig, axes, title: str, text: str, smoke: bool, bottom: float):
         if not ax.has_data():
             ax.set_visible(False)
     height = fig.get_figheight()
-    top = 0.45 + 0.35 * smoke   # inches kept for the title (and the smoke banner)
+    # The banner wrapped to the figure's width (~7 pt a bold character at 11 pt).
+    banner = textwrap.fill(SMOKE_BANNER, int(fig.get_figwidth() * 72 / 7.2)) if smoke else ""
+    top = 0.45 + 0.3 * (banner.count("\n") + 1) * smoke   # inches for the title (and the banner)
     fig.suptitle(title, fontsize=14, y=1 - 0.12 / height, va="top")
     if smoke:
-        fig.text(0.5, 1 - 0.55 / height, SMOKE_BANNER, ha="center", va="top", fontsize=11,
+        fig.text(0.5, 1 - 0.55 / height, banner, ha="center", va="top", fontsize=11,
                  color="white", weight="bold", bbox={"facecolor": "firebrick", "edgecolor": "none"})
     fig.text(0.5, 0.1 / height, text, ha="center", va="bottom", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, bottom / height, 1, 1 - top / height))
