@@ -496,9 +496,10 @@ def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = 
             ax.axhline(reference, color=color, ls=":", lw=1.6)
             papers = True
     ax.set_xlabel("Epoch")
-    if last:   # whole epochs: below two ticks' range the integer locator falls back to fractions
+    if last:   # whole epochs, a one-epoch curve in the middle
         ax.set_xlim(0.5, last + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # min_n_ticks=1: with its default 2, a range holding one integer falls back to 0.6, 0.7, …
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel(words(metric))
     return ([Line2D([], [], color="gray", marker="D", ls="none", mec="black",
                     label="final test error (the table)")] * finals
