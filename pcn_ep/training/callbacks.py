@@ -1,14 +1,19 @@
 """Reliability for multi-day runs on preemptible nodes.
 
-- ``AtomicCheckpointIO``: writes a checkpoint to a temporary file in the same folder and renames it
-  over the final name, so a crash (SIGKILL, full disk) leaves either the old file or the new one.
+- ``AtomicCheckpointIO``: writes a checkpoint to a partial file in the same folder (never through
+  ``TMPDIR``, which on a cluster node may be too small for a VGG10 checkpoint and which no run
+  would clean) and renames it over the final name, so a crash (SIGKILL, full disk) leaves either the
+  old file or the new one, plus at most a ``.partial`` file that the next run removes. It reads
+  checkpoints with ``load_checkpoint``: tensors and plain data only, never code.
 - ``LastCheckpoint``: the one writer of ``last.ckpt``, refreshed after every epoch whatever the
   monitored metric did (Lightning 2.6 refreshes ``save_last`` only when a new best is saved); the best
   checkpoint stays with the config's ``ModelCheckpoint``.
-- ``Preemption``: SIGTERM and SIGUSR1 (SLURM's pre-timeout signal, ``#SBATCH --signal=SIGUSR1@120``)
-  on any rank stop every rank at the same step boundary: the ranks agree through the process group
-  after each step, ``last.ckpt`` is written once, the job is requeued under SLURM, and the CLI exits
-  143. The nudged phase polls the same flag each iteration, so a huge K cannot hold the stop hostage.
+- ``Preemption``: SIGTERM, SIGUSR1 (SLURM's pre-timeout signal, ``#SBATCH --signal=SIGUSR1@120``),
+  SIGHUP and SIGINT on any rank stop every rank at the same step boundary: the ranks agree through
+  the process group after each step, ``last.ckpt`` is written once, the job is requeued under SLURM
+  (SIGUSR1), and the CLI exits 128 + the signal (143 for SIGUSR1). The nudged phase polls the same
+  flag each iteration, so a huge K cannot hold the stop hostage. Outside training (setup,
+  evaluation) the stop is immediate, as there is nothing to save.
 - ``RunFolderLock``: one process per checkpoint folder (an ``flock`` the OS drops when the holder
   dies, so a dead run's lock is taken over); it also clears partial files a killed save left.
 """
@@ -17,14 +22,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import pickle
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.callbacks import ModelSummary as _ModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -40,13 +47,51 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, no permission); the previous file is intact."""
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint cannot be used: unreadable, or asking to run code."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents, loaded as data: ``torch.load(weights_only=True)`` builds tensors,
+    numbers, strings and containers and refuses every other object, so a crafted file (a pickle
+    whose ``__reduce__`` calls ``os.system``) cannot run code. Our checkpoints hold nothing else,
+    so nothing is allow-listed. Every way of failing is one ``CheckpointError`` naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global, or not a pickle at all
+        first = str(err).splitlines()[0] if str(err) else ""
+        if "Weights only load failed" in str(err):
+            refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line
+                       or "GLOBAL" in line]
+            raise CheckpointError(
+                f"refused to load checkpoint {path}: it holds objects other than tensors and plain "
+                f"data, which loading would run as code ({refused[0] if refused else first}); "
+                "pcn_ep's checkpoints never do") from None
+        raise CheckpointError(f"checkpoint {path} is not readable (truncated or corrupt?): {first}") from None
+    except Exception as err:  # truncated, empty, random bytes: torch raises many types
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"checkpoint {path} is not readable (truncated or corrupt?): "
+                              f"{type(err).__name__}: {first}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return saved
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(PARTIAL.format(name=path.name, pid=os.getpid()))
         try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:  # beside its destination, so the rename cannot copy
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(partial, path)
         except OSError as err:
             kept = "the previous file is intact" if path.exists() else "no earlier file by that name"
@@ -55,11 +100,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             partial.unlink(missing_ok=True)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Every checkpoint Lightning reads for a command (``--ckpt_path``) goes through here:
+        data only, whatever ``weights_only`` the caller asked for."""
+        return load_checkpoint(path)
+
+
+def model_checkpoints(trainer: L.Trainer) -> list[ModelCheckpoint]:
+    """The config's ModelCheckpoints (``trainer.checkpoint_callbacks`` also lists ``LastCheckpoint``)."""
+    return [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+
 
 def checkpoint_folder(trainer: L.Trainer) -> Path:
     """Where ``last.ckpt`` lives: the config's ModelCheckpoint folder (where ``--ckpt_path last``
     looks), else ROOT/checkpoints."""
-    folders = [c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath]
+    folders = [c.dirpath for c in model_checkpoints(trainer) if c.dirpath]
     return Path(folders[0] if folders else Path(trainer.default_root_dir) / "checkpoints")
 
 
@@ -67,19 +122,20 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return checkpoint_folder(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """``last.ckpt`` = the state after the latest finished epoch, whatever the monitored metric did.
 
-    Saved where Lightning's ModelCheckpoint saves an epoch (after the epoch's validation, or at the
-    epoch's end when there is none), so a resume continues exactly as from any Lightning
+    Saved where Lightning's ModelCheckpoint saves an epoch (at the epoch's end, after its
+    validation; after a validation inside an epoch too), so a resume continues exactly as from any Lightning
     checkpoint. The config's ModelCheckpoints keep the best files; their ``save_last`` is turned
-    off (one writer per file)."""
+    off (one writer per file). A ``Checkpoint`` so that Lightning runs it after them: the file
+    then records the best checkpoint of this very epoch (``--ckpt_path best`` reads it there)."""
 
     def __init__(self) -> None:
         self._saved_step: int | None = None
 
     def setup(self, trainer, pl_module, stage) -> None:
-        for other in trainer.checkpoint_callbacks:
+        for other in model_checkpoints(trainer):
             other.save_last = False
 
     def _save(self, trainer) -> None:
@@ -88,23 +144,28 @@ class LastCheckpoint(Callback):
             return
         trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
         self._saved_step = trainer.global_step
+        trainer._pcn_last_saved = (trainer.current_epoch, trainer.global_step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        if not trainer.is_last_batch:  # a validation inside the epoch (val_check_interval < 1)
+            self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)  # a no-op when the epoch's validation already saved this step
+        self._save(trainer)  # after the ModelCheckpoints' own end-of-epoch save
 
 
 class Preempted(Exception):
-    """Raised on every rank after ``last.ckpt`` was written for a stop request."""
+    """A stop request (a signal) ended the command, on every rank; the message says what is on disk."""
 
-    def __init__(self, signum: int, path: Path, requeue: str | None) -> None:
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after saving {path}"
-                         + (f"; {requeue}" if requeue else "")
-                         + "; resume with the same command and --ckpt_path last")
+    def __init__(self, signum: int, saved: str, requeue: str | None = None) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {saved}"
+                         + (f"; {requeue}" if requeue else ""))
         self.signum = signum
+
+
+class StopNow(BaseException):
+    """A second SIGINT: stop at once, wherever the command is (a ``BaseException``, as
+    ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it)."""
 
 
 class StopRequest:
@@ -118,11 +179,46 @@ class StopRequest:
 
 
 STOP = StopRequest()
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: a scheduler or kill; SIGUSR1: SLURM's warning before a time limit (--signal=SIGUSR1@120);
+# SIGHUP: the terminal went away (a closed SSH session); SIGINT: Ctrl-C
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
+
+
+def exit_code(signum: int) -> int:
+    """128 + the signal, the shell's convention, except SIGUSR1: SLURM's warning is a SIGTERM
+    that comes early, and schedulers and ``reproduce`` read 143 as "stopped, resume me"."""
+    return 143 if signum == signal.SIGUSR1 else 128 + signum
 
 
 def on_signal(signum, frame) -> None:
+    if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail (EIO) mid-step
+        for fd in (1, 2):
+            if os.isatty(fd):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    if signum == signal.SIGINT and STOP.signum:
+        raise StopNow(f"stopped at once by a second SIGINT (the first was {signal.Signals(STOP.signum).name})")
     STOP.signum = STOP.signum or signum
+
+
+def take_signals() -> None:
+    """Make ``on_signal`` the handler of every stop signal (Lightning installs its own SIGTERM
+    handler at the start of each ``fit``/``validate``/``test``; it would end an evaluation with
+    exit 0). Lightning puts the process's previous handlers back at the end of the command."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, on_signal)
+
+
+def on_disk(trainer: L.Trainer) -> str:
+    """What ``last.ckpt`` holds now, in words, for a stop message."""
+    path = last_checkpoint_path(trainer)
+    if not path.exists():
+        return "no checkpoint on disk"
+    saved = getattr(trainer, "_pcn_last_saved", None)
+    when = f" (epoch {saved[0]}, step {saved[1]})" if saved else ""
+    return f"last checkpoint on disk: {path}{when}"
 
 
 def requeue_slurm_job() -> str | None:
@@ -142,31 +238,26 @@ def requeue_slurm_job() -> str | None:
 
 
 class Preemption(Callback):
-    """Catch SIGTERM/SIGUSR1, agree across ranks after each step, save ``last.ckpt``, stop."""
+    """Every stop signal, wherever the command is, on every rank at once (the ranks agree on the
+    flag through a CPU process group):
+
+    - during training: after the current step, ``last.ckpt`` is saved and the command stops;
+    - during the validation inside ``fit``: after it, once ``LastCheckpoint`` saved the epoch
+      (a resume then continues exactly where an uninterrupted run would); a second Ctrl-C stops
+      at once;
+    - before the first step (setup, the sanity check), in ``validate``, ``test`` and the test
+      after ``fit``: at once, as nothing is left to save.
+    """
 
     def __init__(self) -> None:
-        self._previous: dict = {}
         self._group = None
+        self._start_step: int | None = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # After Lightning installed its own handlers (which broadcast from rank 0 only and kill the
-        # launcher's children): ours replace them for the training loop, and are restored at the end.
-        # a signal that arrived during setup stays set: the first step then saves and stops
-        self._previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+    def _start(self, trainer, pl_module) -> None:
+        take_signals()
+        if self._group is None and dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             # a CPU (gloo) group: agreeing on a flag never waits for the GPU's queue
             self._group = getattr(pl_module, "_flag_group", None) or dist.new_group(backend="gloo")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
 
     def agreed_signal(self) -> int:
         """The stop signal of any rank (0: none), the same on every rank."""
@@ -176,16 +267,66 @@ class Preemption(Callback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return int(flag.item())
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module)
+        self._stop_evaluation(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step  # restored by a resume
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """A stop that came between steps (loading the batch, the validation that ended the last
+        epoch, setup, the sanity check)."""
+        signum = self.agreed_signal()
+        if signum:
+            self._stop_training(trainer, signum)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self.agreed_signal()
-        if not signum:
-            return
+        if signum:
+            self._stop_training(trainer, signum)
+
+    def _stop_training(self, trainer, signum: int) -> None:
+        """Save ``last.ckpt`` unless it already holds this step (or no step ran here), then stop."""
+        saved = getattr(trainer, "_pcn_last_saved", (None, None))[1]
+        if trainer.global_step in (saved, self._start_step):
+            raise Preempted(signum, f"before training step {trainer.global_step}: {on_disk(trainer)}"
+                                    "; resume with the same command and --ckpt_path last")
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # collective: rank 0 writes, all wait
+        trainer._pcn_last_saved = (trainer.current_epoch, trainer.global_step)
         requeue = None
         if signum == signal.SIGUSR1 and trainer.is_global_zero:
             requeue = requeue_slurm_job()
-        raise Preempted(signum, path, requeue)
+        raise Preempted(signum, f"after saving {path} (epoch {trainer.current_epoch}, step "
+                                f"{trainer.global_step}); resume with the same command and "
+                                "--ckpt_path last", requeue)
+
+    def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            self._stop_evaluation(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        self._stop_evaluation(trainer)
+
+    def _stop_evaluation(self, trainer) -> None:
+        signum = self.agreed_signal()
+        if not signum:
+            return
+        if trainer.sanity_checking:
+            raise Preempted(signum, f"before training started: {on_disk(trainer)}")
+        if getattr(trainer, "_pcn_after_fit", False):
+            raise Preempted(signum, f"during the test that follows fit: training had finished and "
+                                    f"{last_checkpoint_path(trainer)} holds its final weights; "
+                                    "rerun the same command with --ckpt_path last to test them")
+        stage = "test" if trainer.state.fn == "test" else "validate"
+        raise Preempted(signum, f"during {stage}: nothing to save ({stage} only reads the weights)")
 
 
 class RunFolderLock(Callback):

@@ -32,8 +32,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..core import DivergenceError
-from .callbacks import (SIGNALS, STOP, CheckpointWriteError, ModelSummary, Preempted, RunFolderBusy,
-                        last_checkpoint_path, on_signal)
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, ModelSummary, Preempted,
+                        RunFolderBusy, StopNow, exit_code, last_checkpoint_path, on_disk, load_checkpoint,
+                        model_checkpoints, on_signal)
 from .loggers import WandbLogger as PCNWandbLogger
 from .module import PCNEPModule
 
@@ -66,6 +69,8 @@ class PCNCLI(LightningCLI):
         except BaseException as err:
             if run:
                 self.close_wandb(run_status(err))
+                if getattr(self, "trainer", None) is not None:
+                    err.on_disk = on_disk(self.trainer)  # for a stop message
             raise
         if run:
             self.close_wandb("ok")
@@ -98,20 +103,26 @@ class PCNCLI(LightningCLI):
         if self.trainer.max_epochs is not None and self.trainer.max_epochs == 0:
             raise ValueError("trainer.max_epochs is 0: nothing would be trained (use `test` to "
                              "evaluate a checkpoint)")
-        check_checkpoint(self.config[self.subcommand].ckpt_path, self.trainer, self.model)
+        self.resolve_checkpoint(resume=True)
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True))[self.subcommand]
         for logger in self.trainer.loggers:
             if isinstance(logger, PCNWandbLogger):
                 logger.run_config = resolved  # logged with the hyperparameters at fit start
 
     def before_validate(self) -> None:
-        check_checkpoint(self.config[self.subcommand].ckpt_path, self.trainer, self.model)
+        self.resolve_checkpoint(resume=False)
 
     before_test = before_validate
+
+    def resolve_checkpoint(self, resume: bool) -> None:
+        """``--ckpt_path`` checked, and replaced by the file it names (Lightning then loads it)."""
+        kwargs = self.config_init[self.subcommand]
+        kwargs["ckpt_path"] = check_checkpoint(kwargs.get("ckpt_path"), self.trainer, self.model, resume)
 
     def after_fit(self) -> None:
         """The paper reports the error after the last epoch: test the final weights."""
         if self.config[self.subcommand].test_after_fit and not self.trainer.interrupted:
+            self.trainer._pcn_after_fit = True  # a stop during this test says training had finished
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
         print_summary(self.trainer)
 
@@ -127,10 +138,10 @@ class PCNCLI(LightningCLI):
                 PCNWandbLogger.close(logger, status)
 
 
-def run_status(err: BaseException) -> str | None:
-    """The status a command that raised ``err`` ended with (``None``: stopped, to be resumed)."""
-    if isinstance(err, Preempted):
-        return None
+def run_status(err: BaseException) -> str:
+    """The status a command that raised ``err`` ended with (``stopped``: by a signal, to be resumed)."""
+    if isinstance(err, (Preempted, StopNow, SIGTERMException)):
+        return "stopped"
     return "diverged" if isinstance(err, DivergenceError) else "failed"
 
 
@@ -170,7 +181,7 @@ def print_summary(trainer: L.Trainer) -> None:
     errors = [f"{name.split('/')[1].replace('_error', '')} {100 * float(metrics[name]):.2f}%"
               for name in ("test/top1_error", "test/top5_error") if name in metrics]
     lines = [f"test error: {', '.join(errors)}"] if errors else []
-    best = [c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path]
+    best = [c.best_model_path for c in model_checkpoints(trainer) if c.best_model_path]
     last = last_checkpoint_path(trainer)
     lines += [f"best checkpoint: {best[0]}"] if best else []
     lines += [f"last checkpoint: {last}"] if last.exists() else []
@@ -185,33 +196,66 @@ def print_summary(trainer: L.Trainer) -> None:
         print("\n".join(["pcn_ep: done.", *[f"  {line}" for line in lines]]))
 
 
-def check_checkpoint(ckpt_path: str | None, trainer: L.Trainer, model: L.LightningModule) -> None:
-    """Before anything runs: ``--ckpt_path`` names a readable checkpoint of this network."""
-    if ckpt_path in (None, "best", "hpc", "registry"):
-        return
-    path = last_checkpoint_path(trainer) if ckpt_path == "last" else Path(ckpt_path)
-    if ckpt_path == "last" and not path.exists():
-        return  # a first run with --ckpt_path last starts fresh (Lightning warns)
-    if path.is_dir():
-        raise ValueError(f"--ckpt_path {path} is a folder, not a checkpoint file")
-    if not path.exists():
-        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated, empty, random bytes: torch raises many types
-        raise ValueError(f"--ckpt_path {path} is not a readable checkpoint (truncated or corrupt?): "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ValueError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
+RESUME_KEYS = ("epoch", "global_step", "loops", "optimizer_states", "lr_schedulers")
+
+
+def check_checkpoint(ckpt_path: str | None, trainer: L.Trainer, model: L.LightningModule,
+                     resume: bool) -> str | None:
+    """Before anything runs: ``--ckpt_path`` names a checkpoint this command can use: loadable as
+    data (``load_checkpoint``: never code), saved by Lightning, holding exactly this network's
+    tensors, and, to resume ``fit``, the optimizer and loop states too. Everything Lightning
+    would otherwise trip over later (a ``KeyError`` deep in its restore) is one line here.
+    Returns the file to load: ``last`` is the run folder's ``last.ckpt``; ``best`` (validate,
+    test) the best checkpoint that ``last.ckpt``'s ModelCheckpoint state records."""
+    if ckpt_path in (None, "hpc", "registry"):
+        return ckpt_path
+    last = last_checkpoint_path(trainer)
+    if ckpt_path == "best" and resume:
+        raise ValueError("--ckpt_path best: fit resumes from last (--ckpt_path last) or a named file")
+    if ckpt_path in ("last", "best") and not last.exists():
+        if resume:
+            return None  # a first run with --ckpt_path last starts fresh (reproduce's reruns rely on it)
+        raise ValueError(f"--ckpt_path {ckpt_path}: there is no {last} yet (train first, or name a "
+                         "checkpoint file)")
+    path = Path(best_checkpoint(last) if ckpt_path == "best" else last if ckpt_path == "last" else ckpt_path)
+    saved = load_checkpoint(path)
+    if not isinstance(saved.get("pytorch-lightning_version"), str):
+        raise ValueError(f"--ckpt_path {path} was not saved by Lightning (no pytorch-lightning_version): "
+                         "pass a checkpoint that pcn_ep wrote (checkpoints/*.ckpt)")
+    if resume:
+        absent = [key for key in RESUME_KEYS if key not in saved]
+        if absent:
+            raise ValueError(f"--ckpt_path {path} cannot resume training: it has no {absent[0]} "
+                             "(saved with weights only?); evaluate it with validate or test instead")
     ours, theirs = model.state_dict(), saved["state_dict"]
-    missing = sorted(set(ours) - set(theirs))
-    if missing:
-        raise ValueError(f"--ckpt_path {path} does not fit this network: it has no {missing[0]} "
-                         f"({len(missing)} tensors missing; another architecture?)")
+    odd = next((key for key, value in theirs.items() if not isinstance(value, torch.Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"--ckpt_path {path}: state_dict entry {odd} is a "
+                         f"{type(theirs[odd]).__name__}, not a tensor")
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or extra:
+        what = (f"it has no {missing[0]} ({len(missing)} tensors missing)" if missing
+                else f"it has {extra[0]}, which this network has not ({len(extra)} extra tensors)")
+        raise ValueError(f"--ckpt_path {path} does not fit this network: {what}; another architecture?")
     for key, value in ours.items():
         if tuple(theirs[key].shape) != tuple(value.shape):
             raise ValueError(f"--ckpt_path {path} does not fit this network: {key} has shape "
                              f"{list(theirs[key].shape)} in the file, {list(value.shape)} in the network")
+    return str(path)
+
+
+def best_checkpoint(last: Path) -> str:
+    """The best checkpoint the run's ModelCheckpoint recorded, as ``last.ckpt`` holds its state."""
+    states = load_checkpoint(last).get("callbacks", {})
+    best = [state.get("best_model_path") for key, state in states.items()
+            if str(key).startswith("ModelCheckpoint") and isinstance(state, dict)]
+    best = next((b for b in best if isinstance(b, str) and b), None)
+    if best is None:
+        raise ValueError(f"--ckpt_path best: {last} records no best checkpoint (its config monitors "
+                         "no metric?); name a checkpoint file or use --ckpt_path last")
+    if not Path(best).is_file():
+        raise ValueError(f"--ckpt_path best: the best checkpoint {best} recorded in {last} is gone")
+    return best
 
 
 def one_line(err: BaseException) -> str:
@@ -276,18 +320,33 @@ def main(argv: list[str]) -> int:
         return 2
     except Preempted as stop:
         print(f"pcn_ep: {stop}", file=sys.stderr)
-        return 143
+        return exit_code(stop.signum)
+    except (StopNow, SIGTERMException) as stop:  # a second Ctrl-C; Lightning's own SIGTERM stop
+        signum = STOP.signum or signal.SIGTERM
+        text = str(stop) or f"stopped by {signal.Signals(signum).name}"
+        print(f"pcn_ep: {text}; {getattr(stop, 'on_disk', 'no checkpoint on disk')}", file=sys.stderr)
+        return exit_code(signal.SIGINT if isinstance(stop, StopNow) else signum)
     except (ValueError, FileNotFoundError, DivergenceError, MisconfigurationException,
             CheckpointWriteError, RunFolderBusy, ImportError) as err:
         print(f"pcn_ep: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except OSError as err:  # a run folder that is a file, read-only, a lock of the wrong kind, ...
+        print(f"pcn_ep: error: {os_error(err)}", file=sys.stderr)
+        return 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if STOP.signum:  # a signal outside training (setup, validation-only, test): nothing to save
-        print(f"pcn_ep: stopped by {signal.Signals(STOP.signum).name}", file=sys.stderr)
-        return 143
+    if STOP.signum:  # a signal after the command's last step and check: its work is all saved
+        print(f"pcn_ep: stopped by {signal.Signals(STOP.signum).name} as the command ended "
+              "(everything it had to save was saved)", file=sys.stderr)
+        return exit_code(STOP.signum)
     return 0
+
+
+def os_error(err: OSError) -> str:
+    """An OS error as one line naming the file (``PermissionError: [Errno 13] ...`` reads worse)."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{where}: {err.strerror or err}" if where else (err.strerror or str(err))
 
 
 class _DropNotices(logging.Filter):

@@ -75,15 +75,14 @@ class WandbLogger(_WandbLogger):
         self._begun = True
         super().log_metrics(metrics, step)
 
-    def close(self, status: str | None) -> None:
+    def close(self, status: str) -> None:
         """Finish the W&B run with the command's own status in its summary (``run/status``: ok,
-        diverged or failed; the report reads it, since W&B's exit code is 0 even for a failed run).
-        ``None`` (a stopped run that will resume) writes no status."""
+        diverged, failed, or stopped by a signal, to be resumed; the report reads it, since W&B's
+        exit code is 0 even for a failed run)."""
         if self._experiment is None:
             return
-        if status is not None:
-            self._experiment.summary["run/status"] = status
-        self._experiment.finish(exit_code=0 if status in ("ok", None) else 1)
+        self._experiment.summary["run/status"] = status
+        self._experiment.finish(exit_code=0 if status == "ok" else 1)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         """The module's hyperparameters, plus the whole resolved run config under ``run`` (network,

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..core import (PCN, POOL_ROUTINGS, Backprop, DivergenceError, Dynamics, EquilibriumPropagation,
                     Interrupted, compile_estimator)
-from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock
+from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock, model_checkpoints
 
 
 LOSS_JUMP = 1e3  # the factor by which one step may raise its batch's loss before it counts as divergence
@@ -144,7 +144,7 @@ class PCNEPModule(L.LightningModule):
     def configure_callbacks(self):
         """Preemption always; with checkpointing on, the folder's lock and ``last.ckpt``."""
         callbacks = [Preemption()]
-        if self.trainer.checkpoint_callbacks:  # a folder of checkpoints to own and keep current
+        if model_checkpoints(self.trainer):  # a folder of checkpoints to own and keep current
             callbacks += [RunFolderLock(), LastCheckpoint()]
         return callbacks
 

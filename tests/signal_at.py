@@ -1,0 +1,44 @@
+"""A callback that signals its own process at a chosen point of a command, so that a test knows
+exactly where the signal landed (no timing): ``trainer.callbacks`` entry
+``{class_path: signal_at.SignalAt, init_args: {signal: SIGTERM, at: train, step: 3}}``."""
+import os
+import signal as signals
+
+from lightning.pytorch.callbacks import Callback
+
+
+class SignalAt(Callback):
+    """Send ``signal`` (``times`` times) to this process ``at``: ``setup``, ``sanity`` (the sanity
+    check), ``train`` (in training step ``step``), ``fit_validation`` (the validation inside fit,
+    epoch ``step``), ``validate`` or ``test`` (their first batch)."""
+
+    def __init__(self, signal: str, at: str, step: int = 0, times: int = 1) -> None:
+        self.signum, self.at, self.step, self.times = getattr(signals, signal), at, step, times
+        self.sent = False
+
+    def _send(self, at: str) -> None:
+        if at == self.at and not self.sent:
+            self.sent = True
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer, pl_module, stage):
+        self._send("setup")
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._send("sanity")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self._send("train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and trainer.current_epoch == self.step:
+            self._send("fit_validation")
+        elif trainer.state.fn == "validate":
+            self._send("validate")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._send("test")
