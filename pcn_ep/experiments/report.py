@@ -18,6 +18,19 @@ traversal heat maps (Fig. 5) or test-error training curves (the others; BP dashe
 ``--publish`` also builds the W&B Report of these tables (``wandb_report``); without a W&B key or
 network it writes the Report's specification to ``OUT_DIR/wandb_report.json`` and says how to
 publish it later.
+
+Safe on anyone's results folder: the report writes only inside ``OUT_DIR``. A name read from a
+run's files that ends up in a file name or a table (the table, the cell's labels) must be a plain
+name (``SAFE_NAME``: letters, digits, ``_ . = + -``, no leading dot, so no separator, ``..`` or
+absolute path), and every path written is checked to resolve inside ``OUT_DIR`` (a symlink planted
+there is refused). A run whose files cannot be read as a run (not JSON, a list, missing keys, wrong
+types, such a name, a metrics.csv value that is not a number, a FIFO or folder in a file's place) is
+skipped with one ``pcn_ep: warning:`` line naming the file, and the other runs are reported: one
+bad run never breaks every table. A ``.wandb`` file that stops inside a record (a killed run, or one
+still writing) or holds a record that does not decode is read up to there, with a warning; its
+status then comes from what was read (no exit record: ``running``, no numbers). Faults of the
+command itself (results folder missing or a file, ``--out`` a file or not writable) are one
+``pcn_ep: error:`` line and a non-zero exit.
 """
 from __future__ import annotations
 
@@ -25,6 +38,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import struct
 import sys
@@ -42,6 +56,42 @@ from .tables import TABLES
 METRICS = ("test/top1_error", "test/top5_error")
 MARKER = ".pcn_ep-results.json"   # reproduce writes it in each results root: {"smoke": bool}
 STATUSES = ("ok", "diverged", "failed")
+STATES = STATUSES + ("stopped", "running", "unknown")   # what a Run's status may be
+# A name read from a file that may become part of a file name: no separator, no leading dot.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]{0,99}")
+# The labels a table's figure indexes (heat-map axes, bar groups): a run lacking one is skipped.
+FIGURE_LABELS = {"table_beta_K": ("beta", "K"), "fig_traversal": ("K", "alpha"),
+                 "table_schemes": ("scheme", "method")}
+
+
+class Unreadable(ValueError):
+    """A run's file that cannot be read as a run: the run is skipped with a warning naming it."""
+
+
+def warn(message: str) -> None:
+    print(f"pcn_ep: warning: report: {message}".replace("\n", "\\n"), file=sys.stderr)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _why(err: Exception) -> str:
+    """One line on what is wrong with a file."""
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(err, json.JSONDecodeError):
+        return f"not JSON ({err})"
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err)
+
+
+# What reading one run's files may raise; read_runs turns each into a warning and skips the run.
+READ_ERRORS = (OSError, ValueError, csv.Error, RecursionError)
 
 
 @dataclass
@@ -61,14 +111,32 @@ class Run:
 
 
 # -- reading runs -------------------------------------------------------------------------------
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Unreadable(f"{name} = {_show(value)} is not a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise Unreadable(f"{name} = {_show(value)} is not a number") from None
+
+
+def _epoch(value) -> int:
+    epoch = _number("epoch", value)
+    if not epoch.is_integer() or epoch < 0:
+        raise Unreadable(f"epoch = {_show(value)} is not a whole number ≥ 0")
+    return int(epoch)
+
+
 def _add(curves: dict, final: dict, row: dict, epoch: int | None) -> None:
     """One logged row: test/* values are final; val/*, train/error and the gradient-fidelity
-    monitor's fidelity/* feed per-epoch curves."""
+    monitor's fidelity/* feed per-epoch curves. A value that is not a number is ``Unreadable``."""
     for name, value in row.items():
+        if name is None:   # csv.DictReader's key for the fields beyond the header
+            raise Unreadable(f"a row has more fields than the header: {_show(value)}")
         if value is None or value == "" or not name.startswith(("test/", "val/", "train/error",
                                                                   "fidelity/")):
             continue
-        value = float(value)
+        value = _number(name, value)
         if name.startswith("test/"):
             final[name] = value
         elif epoch is not None:
@@ -80,30 +148,112 @@ def _mean_curves(curves: dict) -> dict:
             for name, points in curves.items()}
 
 
+def safe_name(value, what: str) -> str:
+    """``value`` if it is a plain name (``SAFE_NAME``), else ``Unreadable``: a table or label read
+    from a file must not become a path outside the report's folder (``../x``, ``/tmp/x``)."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise Unreadable(f"{what} {_show(value)} is not a plain name (letters, digits, _ . = + -, "
+                         "no leading dot, at most 100)")
+    return value
+
+
+def checked(run: Run) -> Run:
+    """``run`` if what its files said has the types the report relies on, else ``Unreadable``:
+    the table and the text labels are plain names, label values are text or finite numbers (the
+    ones the table's figure indexes present, each of the table's kind), the seed a whole number,
+    the status one of ``STATES``, smoke a boolean."""
+    safe_name(run.table, "table")
+    if not isinstance(run.labels, dict):
+        raise Unreadable(f"cell {_show(run.labels)} is not a mapping of labels")
+    for key, value in run.labels.items():
+        safe_name(key, "cell label")
+        if isinstance(value, str):
+            safe_name(value, f"cell label {key} =")
+        elif not _numbers([value]) or not math.isfinite(value):
+            raise Unreadable(f"cell label {key} = {_show(value)} is neither a name nor a number")
+    if run.table in TABLES:
+        kinds = {k: isinstance(v, str) for c in TABLES[run.table].cells()
+                 for k, v in c.labels.items()}
+        wrong = [k for k, v in run.labels.items() if k in kinds and isinstance(v, str) != kinds[k]]
+        wrong += [k for k in FIGURE_LABELS.get(run.table, ()) if k not in run.labels]
+        if wrong:
+            raise Unreadable(f"cell {_show(run.labels)} does not fit {run.table} (label "
+                             f"{', '.join(wrong)} missing or of the wrong kind)")
+    if isinstance(run.seed, bool) or not isinstance(run.seed, int):
+        raise Unreadable(f"seed {_show(run.seed)} is not a whole number")
+    if not isinstance(run.status, str) or run.status not in STATES:
+        raise Unreadable(f"status {_show(run.status)} is not one of {', '.join(STATES)}")
+    if not isinstance(run.smoke, bool):
+        raise Unreadable(f"smoke {_show(run.smoke)} is not true or false")
+    return run
+
+
+def _read(path: Path, binary: bool = False):
+    """A file's content. Only a regular file is read: a FIFO or device in its place would block
+    the report, a folder would fail it."""
+    if not path.is_file():
+        raise Unreadable(f"{path} is not a regular file")
+    return path.read_bytes() if binary else path.read_text(encoding="utf-8")
+
+
+def _numbers(values, n: int | None = None) -> bool:
+    return (isinstance(values, list) and bool(values) and (n is None or len(values) == n)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values))
+
+
+def _energy_ok(e) -> bool:
+    """An ``energy.json`` as ``pcn_ep energy`` writes it: what markdown and _energy index."""
+    return (isinstance(e, dict) and _numbers(e.get("K")) and _numbers([e.get("beta")])
+            and type(e.get("K_config")) is int and isinstance(e.get("curves"), dict)
+            and isinstance(e.get("delta_F"), dict) and all(
+                isinstance(name, str) and name.count("/") == 1 and isinstance(c, dict)
+                and _numbers(c.get("mean"), len(e["K"])) and _numbers([e["delta_F"].get(name)])
+                and isinstance(c.get("per_image"), list)
+                and all(_numbers(p, len(e["K"])) for p in c["per_image"])
+                for name, c in e["curves"].items()))
+
+
 def read_record(path: Path) -> Run:
-    """A ``run.json`` written by ``reproduce`` and the metrics beside it."""
-    record = json.loads(path.read_text())
-    run = Run(record["table"], record["cell"], record["seed"], record["status"],
-              record.get("smoke", False))
+    """A ``run.json`` written by ``reproduce`` and the metrics beside it; ``Unreadable`` (or the
+    ``READ_ERRORS`` of reading) when they cannot be read as a run."""
+    record = json.loads(_read(path))
+    if not isinstance(record, dict):
+        raise Unreadable(f"not a JSON object but a {type(record).__name__}")
+    missing = [k for k in ("table", "cell", "seed", "status") if k not in record]
+    if missing:
+        raise Unreadable(f"no {', '.join(missing)}")
+    run = checked(Run(record["table"], record["cell"], record["seed"], record["status"],
+                      record.get("smoke", False)))
     metrics, energy = path.parent / "metrics.csv", path.parent / "energy.json"
     curves: dict = {}
     if metrics.exists():
-        with open(metrics) as f:
-            for row in csv.DictReader(f):
-                epoch = int(float(row["epoch"])) if row.get("epoch") else None
-                _add(curves, run.final, row, epoch)
+        if not metrics.is_file():
+            raise Unreadable(f"{metrics} is not a regular file")
+        with open(metrics, encoding="utf-8", newline="") as f:
+            for line, row in enumerate(csv.DictReader(f), 2):
+                try:
+                    _add(curves, run.final, row, _epoch(row["epoch"]) if row.get("epoch") else None)
+                except Unreadable as err:
+                    raise Unreadable(f"{metrics} line {line}: {err}") from None
     if energy.exists():
-        run.energy = json.loads(energy.read_text())
+        run.energy = json.loads(_read(energy))
+        if not _energy_ok(run.energy):
+            raise Unreadable(f"{energy} is not what pcn_ep energy writes")
     run.curves = _mean_curves(curves)
     return run
 
 
 def _wandb_records(path: Path):
     """The protobuf records of a ``run-*.wandb`` file (a LevelDB-style log of 32 KiB blocks, each
-    record chunk behind a 7-byte header: crc32, length, type; after a 7-byte ':W&B' file header)."""
+    record chunk behind a 7-byte header: crc32, length, type; after a 7-byte ':W&B' file header).
+    A file that stops inside a record (a killed run, or one still writing) or holds a chunk that
+    does not decode yields the records before it, then raises ``Unreadable``."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
-    data, block, pos, chunk = path.read_bytes(), 32768, 7, b""
+    data, block, pos, chunk = _read(path, binary=True), 32768, 7, b""
+    if not data.startswith(b":W&B"):
+        raise Unreadable("empty or not a W&B run file (no ':W&B' header)")
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:  # the block's tail is padding
@@ -114,37 +264,52 @@ def _wandb_records(path: Path):
         if kind == 0:  # zero-filled remainder
             pos += left - 7
             continue
+        if kind not in (1, 2, 3, 4) or pos + length > len(data):
+            raise Unreadable(f"cut short or corrupt at byte {pos - 7}")
         chunk += data[pos:pos + length]
         pos += length
         if kind in (1, 4):  # FULL or LAST
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
+            try:
+                record.ParseFromString(chunk)
+            except DecodeError:
+                raise Unreadable(f"a record ending at byte {pos} does not decode") from None
             yield record
             chunk = b""
+    if chunk or pos < len(data):
+        raise Unreadable(f"cut short at byte {len(data)}")
 
 
-def read_wandb_run(folder: Path) -> Run | None:
-    """A W&B run folder (offline or synced): group = table, config.cell / config.seed = the cell."""
-    files_ = sorted(folder.glob("run-*.wandb"))
+def read_wandb_run(folder: Path, file: Path | None = None, warn=warn) -> Run | None:
+    """A W&B run folder (offline or synced): group = table, config.cell / config.seed = the cell.
+    A file that breaks off is read up to there (one warning); ``Unreadable`` when not even the
+    run's own record could be read."""
+    files_ = [file] if file else sorted(folder.glob("run-*.wandb"))
     if not files_:
         return None
     run, curves, exit_code, status = None, {}, None, None
-    for record in _wandb_records(files_[0]):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
-            if "cell" not in config:
-                return None  # not a run of a reproduce table
-            run = Run(record.run.run_group, config["cell"], config.get("seed", 0), "running",
-                      config.get("smoke", False))
-            status = _summary_status(record.run.summary.update) or status
-        elif kind == "history" and run is not None:
-            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            _add(curves, run.final, row, int(row["epoch"]) if "epoch" in row else None)
-        elif kind == "summary":
-            status = _summary_status(record.summary.update) or status
-        elif kind == "exit":
-            exit_code = record.exit.exit_code
+    try:
+        for record in _wandb_records(files_[0]):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+                if "cell" not in config:
+                    return None  # not a run of a reproduce table
+                run = checked(Run(record.run.run_group, config["cell"], config.get("seed", 0),
+                                  "running", config.get("smoke", False)))
+                status = _summary_status(record.run.summary.update) or status
+            elif kind == "history" and run is not None:
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                       for i in record.history.item}
+                _add(curves, run.final, row, _epoch(row["epoch"]) if "epoch" in row else None)
+            elif kind == "summary":
+                status = _summary_status(record.summary.update) or status
+            elif kind == "exit":
+                exit_code = record.exit.exit_code
+    except (ValueError, RecursionError) as err:
+        if run is None:
+            raise
+        warn(f"{files_[0]}: {_why(err)}; read up to there")
     if run is None:
         return None
     run.status = wandb_status(exit_code, status)
@@ -178,32 +343,46 @@ def nested_roots(results: Path) -> list[Path]:
     return [m.parent for m in results.rglob(MARKER) if m.parent != results]
 
 
-def read_runs(results: Path) -> list[Run]:
+def read_runs(results: Path, warn=warn) -> list[Run]:
     """Every run of the results root ``results`` (not of the roots nested in it); a run folder
-    with a local record is not read twice via W&B."""
+    with a local record is not read twice via W&B. A run whose files cannot be read is skipped
+    with one ``warn`` line naming the file: one bad run does not hide the others."""
     nested = nested_roots(results)
 
     def own(path: Path) -> bool:
         return not any(root in path.parents for root in nested)
 
+    def read(path: Path, reader):
+        try:
+            return reader()
+        except READ_ERRORS as err:
+            warn(f"{path}: {_why(err)}; run skipped")
+
     records = [p for p in sorted(results.rglob("run.json")) if own(p)]
-    runs = [read_record(p) for p in records]
+    runs = [read(p, lambda: read_record(p)) for p in records]
     recorded = {p.parent for p in records}
     for wandb_file in sorted(results.rglob("run-*.wandb")):
         folder = wandb_file.parent
-        if not own(folder) or any(parent in recorded for parent in folder.parents):
+        if (not own(folder) or any(parent in recorded for parent in folder.parents)
+                or wandb_file != min(folder.glob("run-*.wandb"))):   # one run per folder
             continue
-        run = read_wandb_run(folder)
-        if run is not None:
-            runs.append(run)
-    return runs
+        runs.append(read(wandb_file, lambda: read_wandb_run(folder, wandb_file, warn)))
+    return [r for r in runs if r is not None]
 
 
-def root_kind(results: Path) -> bool | None:
-    """What ``reproduce`` wrote the root for: True smoke, False real, None unmarked."""
+def root_kind(results: Path, warn=warn) -> bool | None:
+    """What ``reproduce`` wrote the root for: True smoke, False real, None unmarked (or a marker
+    that is not reproduce's, with a warning: the runs' own smoke flags then decide)."""
     marker = results / MARKER
-    if marker.is_file():
-        return bool(json.loads(marker.read_text()).get("smoke"))
+    if not marker.exists():
+        return None
+    try:
+        kind = json.loads(_read(marker))
+    except READ_ERRORS as err:
+        kind = _why(err)
+    if isinstance(kind, dict) and isinstance(kind.get("smoke"), bool):
+        return kind["smoke"]
+    warn(f"{marker}: not reproduce's marker ({_show(kind)}); the runs' own smoke flags decide")
     return None
 
 
@@ -640,17 +819,17 @@ def figure(table: str, runs: list[Run], cells: dict, path: Path, paper: dict | N
 
 
 # -- entry points -------------------------------------------------------------------------------
-def collect(results: Path, smoke: bool | None = None) -> tuple[bool, dict, dict]:
+def collect(results: Path, smoke: bool | None = None, warn=warn) -> tuple[bool, dict, dict]:
     """The runs of the results root ``results`` by table: (smoke?, {table: runs reported},
     {table: number of runs of the other kind left out}). ``smoke``: report the smoke (True) or
     real (False) runs; default: what ``reproduce`` marked the root as, else real runs if there are
-    any, else smoke runs."""
-    everything = read_runs(results)
+    any, else smoke runs. ``warn``: where the lines on skipped runs go."""
+    everything = read_runs(results, warn)
     if not everything:
         nested = nested_roots(results)
         hint = f" (other results roots inside it: {', '.join(map(str, nested))})" if nested else ""
         raise FileNotFoundError(f"no runs (run.json or W&B run folders) under {results}{hint}")
-    smoke, runs, left = split_kind(everything, root_kind(results) if smoke is None else smoke)
+    smoke, runs, left = split_kind(everything, root_kind(results, warn) if smoke is None else smoke)
     by_table: dict[str, list[Run]] = defaultdict(list)
     left_by_table: dict[str, int] = defaultdict(int)
     for run in runs:
@@ -658,6 +837,17 @@ def collect(results: Path, smoke: bool | None = None) -> tuple[bool, dict, dict]
     for run in left:
         left_by_table[run.table] += 1
     return smoke, by_table, left_by_table
+
+
+def output_path(out: Path, name: str) -> Path:
+    """``out/name``, refused (``ValueError``) unless it resolves to a file directly inside ``out``:
+    names from run files are plain names already (``checked``); this also refuses a symlink planted
+    at the destination, which would make the report write wherever it points."""
+    path = out / name
+    if path.resolve().parent != out.resolve():
+        raise ValueError(f"{path} leads outside {out} (to {path.resolve()}); the report writes "
+                         "only inside --out")
+    return path
 
 
 def write_report(results: Path, out: Path, tables: list[str] | None = None,
@@ -675,13 +865,14 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
                      "smoke and real runs are never reported together)") if left_by_table[table] else ""
             raise FileNotFoundError(f"no {'smoke' if smoke else 'real'} runs of {table} under "
                                     f"{results}{other}")
-        table_runs, md = by_table[table], out / f"{table}.md"
+        table_runs, md = by_table[table], output_path(out, f"{table}.md")
         cells = summarize(table_runs)
         md.write_text(markdown(table, table_runs, cells, paper, smoke, left_by_table[table]))
         written.append(md)
-        for png in (figure(table, table_runs, cells, out / f"{table}.png", paper, smoke),
-                    figure(table, table_runs, cells, out / f"{table}_fidelity.png", smoke=smoke,
-                           fidelity=True)):
+        for png in (figure(table, table_runs, cells, output_path(out, f"{table}.png"), paper,
+                           smoke),
+                    figure(table, table_runs, cells, output_path(out, f"{table}_fidelity.png"),
+                           smoke=smoke, fidelity=True)):
             if png:
                 written.append(png)
     return written
@@ -706,22 +897,36 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Bad input is one ``pcn_ep: error:`` line: results folder missing or a file (exit 1),
+    ``--out`` an existing file (exit 2, a bad option value), writing refused (exit 1)."""
+    p = parser()
+    args = p.parse_args(argv)
     if not args.results.is_dir():
-        print(f"pcn_ep: error: results folder not found: {args.results}", file=sys.stderr)
+        what = f"{args.results} is not a folder" if args.results.exists() else \
+            f"not found: {args.results}"
+        print(f"pcn_ep: error: results folder {what}", file=sys.stderr)
         return 1
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
     try:
         paths = write_report(args.results, args.out, args.tables, args.smoke)
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
-        print(f"pcn_ep: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"pcn_ep: error: {err}".replace("\n", "\\n"), file=sys.stderr)
+        return 1
+    except OSError as err:   # --out not writable, or a folder inside it is in a file's way
+        print(f"pcn_ep: error: cannot write the report to {err.filename or args.out}: "
+              f"{err.strerror or err}", file=sys.stderr)
         return 1
     for path in paths:
         print(f"wrote {path}")
     if args.publish:
         from .wandb_report import publish_or_describe
 
-        line, code = publish_or_describe(args.results, args.out, args.tables, args.smoke,
-                                         args.wandb_project)
+        try:
+            line, code = publish_or_describe(args.results, args.out, args.tables, args.smoke,
+                                             args.wandb_project)
+        except (ValueError, OSError) as err:   # its specification refused, as the tables above
+            line, code = f"pcn_ep: error: {err}", 1
         print(line, file=sys.stderr if code else sys.stdout)
         return code
     return 0

@@ -61,8 +61,9 @@ def run_filter(table: str, smoke: bool) -> str:
 
 def specification(results: Path, out: Path, tables: list[str] | None = None,
                   smoke: bool | None = None, project: str = "pcn-ep") -> dict:
-    """The Report as plain data, from the Markdown and figures ``write_report`` left in ``out``."""
-    smoke, by_table, _ = report.collect(results, smoke)
+    """The Report as plain data, from the Markdown and figures ``write_report`` left in ``out``
+    (which already warned about the runs it skipped: they are skipped quietly here)."""
+    smoke, by_table, _ = report.collect(results, smoke, warn=lambda message: None)
     chosen = [t for t in TABLES if t in (tables or by_table)]
     sections = []
     for table in chosen:
@@ -148,7 +149,7 @@ def publish_or_describe(results: Path, out: Path, tables: list[str] | None, smok
     from ..training.loggers import wandb_offline
 
     spec = specification(results, out, tables, smoke, project)
-    path = out / SPEC
+    path = report.output_path(out, SPEC)   # not through a symlink planted in --out
     path.write_text(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")
     later = ("to publish it, with a W&B key (wandb login, or WANDB_API_KEY): "
              + " && ".join(spec["publish"]))
