@@ -5,13 +5,15 @@ import os
 from pathlib import Path
 
 from .base import DataError
-from .imagenet import ImageNetDataModule
+from .imagenet import ImageNetDataModule, find_classes, image_files
 
 
 class ImageFolderDataModule(ImageNetDataModule):
     """Images in torchvision's ImageFolder layout: ``root/train/CLASS/IMAGE``, ``root/val/CLASS/IMAGE``
     and optionally ``root/test/CLASS/IMAGE`` (without it, ``test`` evaluates ``val``). Any format
     Pillow reads, of any size: training takes random crops, evaluation resizes and center-crops.
+    Hidden names (starting with ".") are ignored; symlinks are followed, each real folder read once
+    per class (a loop is not followed again; see ``imagenet.image_files``).
 
     What the data decides, read from the folders when the module is built (so that the CLI's
     ``network_from_data`` can size the network before training): ``num_classes`` (the class
@@ -46,8 +48,6 @@ class ImageFolderDataModule(ImageNetDataModule):
         drop_last: bool = False,
         seed: int = 0,
     ) -> None:
-        from torchvision.datasets.folder import find_classes
-
         folder = Path(root)
         if not folder.is_dir():
             raise FileNotFoundError(f"data root not found: {folder} (check data.init_args.root)")
@@ -75,8 +75,6 @@ class ImageFolderDataModule(ImageNetDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.test_path != self.val_path:
-            from torchvision.datasets.folder import find_classes
-
             if find_classes(str(self.test_path))[0] != find_classes(str(self.train_path))[0]:
                 raise DataError(f"{self.test_path} does not have the class folders of "
                                 f"{self.train_path}: its labels would not match")
@@ -87,7 +85,7 @@ def _channels(train: Path, first_class: str) -> int:
     from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    images = sorted(p for p in (train / first_class).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    images = image_files(train / first_class)  # in the order of the data set's samples
     if not images:
         raise DataError(f"{train / first_class} holds no image ({', '.join(IMG_EXTENSIONS)})")
     try:

@@ -21,10 +21,13 @@ rank reads 1/N of every epoch.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .base import DataError, step_generator
 from .images import STATS, normalize, random_crops
@@ -105,8 +108,6 @@ class ImageNetDataModule(L.LightningDataModule):
                                 f"is {self.backend!r}: the ffcv backend reads a .beton file, the "
                                 "folder backend an ImageFolder tree (check data.init_args.backend)")
         if self.backend == "folder":
-            from torchvision.datasets.folder import find_classes
-
             classes = find_classes(str(self.train_path))[0]
             if len(classes) != self.num_classes:
                 raise DataError(f"{self.train_path} has {len(classes)} classes, num_classes is "
@@ -159,7 +160,6 @@ class ImageNetDataModule(L.LightningDataModule):
             raise DataError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err
 
     def _folder_loader(self, path: Path, train: bool) -> DataLoader:
-        from torchvision.datasets import ImageFolder
         from torchvision.transforms import v2
 
         if train and self.train_crop == "random_resized":
@@ -200,6 +200,69 @@ class ImageNetDataModule(L.LightningDataModule):
             x = random_crops(x, (self.image_size, self.image_size),
                              step_generator(self.seed, trainer))
         return normalize(x, *((MEAN, STD) if self.channels == 3 else GRAY)), y.long().view(-1)
+
+
+# -- ImageFolder trees -----------------------------------------------------------------------------
+# torchvision's ImageFolder walks with os.walk(followlinks=True), so a symlink loop inside a class
+# folder repeats its images once per level until the OS refuses the path (one ``ln -s . loop``
+# counts 6 images as 126), and it takes a hidden folder (``.cache/``, ``.ipynb_checkpoints/``) for
+# a class, shifting the labels of the real ones. Here:
+# - names starting with "." are ignored, as classes, folders and images (as every image tool does);
+# - symlinks are followed (a class folder or a part of it may live on another disk), but not into a
+#   loop: a link to a folder that holds the one the link is in (``ln -s .. up``) or to a folder
+#   already read for this class (``ln -s . again``, a second link to one folder) is skipped, so
+#   every image counts once and a class never takes in its siblings through a link to its parent.
+
+def find_classes(directory: str | Path) -> tuple[list[str], dict[str, int]]:
+    """The class folders of an ImageFolder tree (sorted, hidden ones left out) and their labels;
+    torchvision's ``find_classes`` less the hidden folders."""
+    classes = sorted(entry.name for entry in os.scandir(directory)
+                     if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: i for i, name in enumerate(classes)}
+
+
+def image_files(folder: str | Path, is_valid_file=None) -> list[str]:
+    """The images under ``folder``, recursively, in torchvision's order (by folder, then name):
+    hidden names left out, symlinks followed but not into a loop (see above)."""
+    valid = is_valid_file or (lambda path: has_file_allowed_extension(path, IMG_EXTENSIONS))
+    seen, found = {os.path.realpath(folder)}, []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here, keep = os.path.realpath(root), []
+        for name in dirs:
+            real = os.path.realpath(os.path.join(root, name))
+            loop = real in seen or here.startswith(real.rstrip(os.sep) + os.sep)
+            if not name.startswith(".") and not loop:
+                seen.add(real)
+                keep.append(name)
+        dirs[:] = keep  # os.walk descends only into these
+        paths = (os.path.join(root, name) for name in files if not name.startswith("."))
+        found.append((root, sorted(path for path in paths if valid(path))))
+    return [path for _, paths in sorted(found) for path in paths]
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with the scan above, through its ``find_classes`` and
+    ``make_dataset`` hooks (same arguments, same order of samples on a plain tree)."""
+
+    def find_classes(self, directory):
+        return find_classes(directory)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        if extensions is not None:
+            is_valid_file = lambda path: has_file_allowed_extension(path, extensions)  # noqa: E731
+        samples, empty = [], []
+        for name, label in sorted(class_to_idx.items()):
+            files = image_files(os.path.join(directory, name), is_valid_file)
+            samples += [(path, label) for path in files]
+            empty += [] if files else [name]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)} in "
+                                    f"{directory}.")
+        return samples
 
 
 def _decode(path: str):

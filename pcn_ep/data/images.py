@@ -8,6 +8,7 @@ resumed run replays it.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import pickle
 import zlib
@@ -65,11 +66,47 @@ def _require(path: Path) -> Path:
     return path
 
 
+try:  # numpy >= 2 (numpy.core still answers, with a DeprecationWarning)
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
+
+# Every global a pickle of dicts, lists, strings, bytes, numbers and numpy arrays asks for, at any
+# protocol, written by numpy 1.x (numpy.core) or 2.x (numpy._core): arrays are rebuilt by
+# _reconstruct (protocols 0-4) or _frombuffer (5), numpy scalars by scalar, and Python 3 writes
+# bytes at protocols 0-2 as _codecs.encode(text, "latin1").
+_PICKLE_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("_codecs", "encode"): codecs.encode}
+for _core in ("numpy.core", "numpy._core"):
+    _PICKLE_GLOBALS.update({(f"{_core}.multiarray", "_reconstruct"): _multiarray._reconstruct,
+                            (f"{_core}.multiarray", "scalar"): _multiarray.scalar,
+                            (f"{_core}.numeric", "_frombuffer"): _numeric._frombuffer})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR and ImageNet32 files hold (dicts, lists, strings, bytes,
+    numbers, numpy arrays). ``pickle.load`` would call whatever function a file names (a crafted
+    ``data_batch_1`` could run ``os.system``): every global outside ``_PICKLE_GLOBALS`` is refused
+    with a ``DataError`` naming the file, before anything is called."""
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 pickles (the official archives)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(f"{self.path}: refused to load: the pickle asks for {module}.{name}; "
+                            "CIFAR/ImageNet32 files hold only arrays, lists and numbers")
+        return _PICKLE_GLOBALS[module, name]
+
+
 def _unpickle(path: Path):
     _require(path)
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _DataUnpickler(f, path).load()
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - unpickling garbage raises assorted errors
         raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from err
 
