@@ -1,6 +1,9 @@
 """``python -m pcn_ep COMMAND ...``: one entry point for every command (``--help`` lists them)."""
 import importlib
+import os
 import sys
+import traceback
+from pathlib import Path
 
 # command: (module, one line for --help); fit/validate/test go through LightningCLI
 COMMANDS = {
@@ -33,11 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"pcn_ep: error: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return 2
-    if command not in LIGHTNING:
-        return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
-    from .training.cli import main as lightning_main
+    try:
+        if command not in LIGHTNING:
+            return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
+        from .training.cli import main as lightning_main
 
-    return lightning_main(argv or ["fit"])
+        return lightning_main(argv or ["fit"])
+    except Exception as err:  # noqa: BLE001 - what no command foresaw: still one line
+        if os.environ.get("PCN_EP_TRACEBACK"):
+            raise
+        text = " ".join(str(err).split()) or "(no message)"
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        print(f"pcn_ep: error: {command}: unexpected {type(err).__name__}: {text} (at "
+              f"{Path(where.filename).name}:{where.lineno}; PCN_EP_TRACEBACK=1 shows the traceback, "
+              "and it is worth an issue)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import importlib
 import inspect
 import logging
 import math
+import os
+import re
 import signal
 import sys
 import warnings
@@ -35,7 +37,7 @@ from ..core import DivergenceError
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, ModelSummary, Preempted,
-                        RunFolderBusy, StopNow, exit_code, last_checkpoint_path, on_disk, load_checkpoint,
+                        RunFolderBusy, StopNow, checkpoint_folder, exit_code, last_checkpoint_path, on_disk, load_checkpoint,
                         model_checkpoints, on_signal)
 from .loggers import WandbLogger as PCNWandbLogger
 from .module import PCNEPModule
@@ -100,9 +102,11 @@ class PCNCLI(LightningCLI):
             network_from_data(config)
 
     def before_fit(self) -> None:
-        if self.trainer.max_epochs is not None and self.trainer.max_epochs == 0:
-            raise ValueError("trainer.max_epochs is 0: nothing would be trained (use `test` to "
-                             "evaluate a checkpoint)")
+        for name in ("max_epochs", "max_steps", "limit_train_batches"):
+            if getattr(self.trainer, name) == 0:
+                raise ValueError(f"trainer.{name} is 0: nothing would be trained (use `test` to "
+                                 "evaluate a checkpoint)")
+        check_run_folders(self.trainer)
         self.resolve_checkpoint(resume=True)
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True))[self.subcommand]
         for logger in self.trainer.loggers:
@@ -110,6 +114,9 @@ class PCNCLI(LightningCLI):
                 logger.run_config = resolved  # logged with the hyperparameters at fit start
 
     def before_validate(self) -> None:
+        limit = f"limit_{'test' if self.subcommand == 'test' else 'val'}_batches"
+        if getattr(self.trainer, limit) == 0:
+            raise ValueError(f"trainer.{limit} is 0: nothing would be evaluated")
         self.resolve_checkpoint(resume=False)
 
     before_test = before_validate
@@ -136,6 +143,25 @@ class PCNCLI(LightningCLI):
         for logger in trainer.loggers if trainer is not None else []:
             if isinstance(logger, WandbLogger):  # Lightning's own too
                 PCNWandbLogger.close(logger, status)
+
+
+def check_run_folders(trainer: L.Trainer) -> None:
+    """The folders a run writes (run folder, checkpoints, loggers) can be made and written, found
+    before anything is created: a file in the way or a read-only parent is one line naming it."""
+    folders = {checkpoint_folder(trainer): "checkpoint folder", Path(trainer.default_root_dir): "run folder"}
+    folders.update({Path(logger.save_dir): f"{type(logger).__name__} folder"
+                    for logger in trainer.loggers if getattr(logger, "save_dir", None)})
+    for folder, what in folders.items():
+        for part in [folder, *folder.parents]:
+            if part.is_dir():
+                if not os.access(part, os.W_OK | os.X_OK):
+                    raise ValueError(f"{what} {folder}: {part} is not writable")
+                break
+            if part.exists() or part.is_symlink():
+                raise ValueError(f"{what} {folder}: {part} is a file, not a folder")
+    lock = checkpoint_folder(trainer) / ".lock"
+    if lock.exists() and not lock.is_file():
+        raise ValueError(f"{lock} should be the run's lock file but is a folder; remove it")
 
 
 def run_status(err: BaseException) -> str:
@@ -213,8 +239,10 @@ def check_checkpoint(ckpt_path: str | None, trainer: L.Trainer, model: L.Lightni
     if ckpt_path == "best" and resume:
         raise ValueError("--ckpt_path best: fit resumes from last (--ckpt_path last) or a named file")
     if ckpt_path in ("last", "best") and not last.exists():
-        if resume:
-            return None  # a first run with --ckpt_path last starts fresh (reproduce's reruns rely on it)
+        if resume:  # a first run with --ckpt_path last starts fresh (reproduce's reruns rely on it)
+            print(f"pcn_ep: --ckpt_path {ckpt_path}: no {last} yet, training starts from the beginning",
+                  file=sys.stderr)
+            return None
         raise ValueError(f"--ckpt_path {ckpt_path}: there is no {last} yet (train first, or name a "
                          "checkpoint file)")
     path = Path(best_checkpoint(last) if ckpt_path == "best" else last if ckpt_path == "last" else ckpt_path)
@@ -258,12 +286,21 @@ def best_checkpoint(last: Path) -> str:
     return best
 
 
+# jsonargparse's explanation of a failed union (a data module, or null) around the one real error
+_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+                "Given value type:", "Given value:", "Expected a <class 'NoneType'>",
+                "Expected a path but")
+
+
 def one_line(err: BaseException) -> str:
-    """An exception as one line; a DataLoader worker's re-raised error keeps its own message."""
+    """An exception as one line; a DataLoader worker's re-raised error keeps its own message, and
+    jsonargparse's union report (subtypes, a ``Namespace(...)`` dump) keeps only the real error."""
     text = str(err)
     if "Original Traceback" in text:  # "Caught X in DataLoader worker ... Traceback ... X: message"
         text = text.strip().splitlines()[-1].partition(": ")[2] or text
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip()]
+    text = " ".join([line for line in lines if not line.startswith(_UNION_NOISE)] or lines)
+    return re.sub(r'Parser key "([^"]+)":', r"\1:", text)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -288,17 +325,58 @@ def config_paths(argv: list[str]) -> list[str]:
             if flag in ("-c", "--config") or flag.startswith("--config=")]
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a paper config is ~2 KB
+MAX_CONFIG_NODES = 100_000  # YAML values after aliases are expanded; a paper config has ~200
+SECTIONS = {"model": (dict,), "trainer": (dict,), "data": (dict, str)}  # data: a class path too
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values ``node`` holds once every alias is expanded (as jsonargparse will), counted
+    on the composed graph with each node's size remembered, so a bomb is measured, not built."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum(expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists and is YAML without duplicate keys."""
+    """Every ``--config`` file is a readable YAML mapping of settings, without duplicate keys,
+    without a top-level section of the wrong kind (``trainer: 5`` would silently drop the config's
+    loggers and checkpoints), and of bounded size once its aliases are expanded."""
     for path in config_paths(argv):
         if not path:
             continue
-        if not Path(path).is_file():
+        file = Path(path)
+        if not file.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
+        if not file.is_file():
+            kind = "a folder" if file.is_dir() else "not a regular file"
+            raise ValueError(f"config file {path} is {kind}; give a YAML file")
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"config file {path} is {file.stat().st_size:,} bytes; a config holds "
+                             f"settings, at most {MAX_CONFIG_BYTES:,} bytes")
         try:
-            yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+        try:
+            node = yaml.compose(text, Loader=_UniqueKeyLoader)
+            if node is not None and expanded_size(node, {}) > MAX_CONFIG_NODES:
+                raise ValueError(f"config file {path} expands to more than {MAX_CONFIG_NODES:,} "
+                                 "values through its YAML aliases (&name / *name); refused")
+            settings = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path}: {' '.join(str(err).split())}") from None
+        if not isinstance(settings, dict):
+            what = "empty" if settings is None else f"a {type(settings).__name__}"
+            raise ValueError(f"config file {path} is {what}: a config is a mapping of settings "
+                             "(model:, data:, trainer:)")
+        for key, kinds in SECTIONS.items():
+            if key in settings and not isinstance(settings[key], kinds):
+                raise ValueError(f"config file {path}: {key} must be a mapping of settings, got "
+                                 f"{settings[key]!r}")
 
 
 def main(argv: list[str]) -> int:
@@ -316,7 +394,7 @@ def main(argv: list[str]) -> int:
         check_config_files(argv)
         PCNCLI(argv)  # runs the command; closes W&B with its status
     except argparse.ArgumentError as err:  # unknown or misspelt key, wrong type, missing file
-        print("pcn_ep: error: " + " ".join(l.strip() for l in str(err).splitlines()), file=sys.stderr)
+        print(f"pcn_ep: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Preempted as stop:
         print(f"pcn_ep: {stop}", file=sys.stderr)

@@ -20,6 +20,10 @@ from ..core import (PCN, POOL_ROUTINGS, Backprop, DivergenceError, Dynamics, Equ
 from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock, model_checkpoints
 
 
+class BadBatch(ValueError):
+    """A batch that no network can learn from or be scored on (labels out of range, NaN inputs)."""
+
+
 LOSS_JUMP = 1e3  # the factor by which one step may raise its batch's loss before it counts as divergence
 
 
@@ -207,6 +211,8 @@ class PCNEPModule(L.LightningModule):
         under DDP the ranks agree on it (and on an interrupted nudged phase) so that they all
         take the step or all skip it."""
         x, y = batch
+        valid = self._valid_batch(x, y, self._train_where())
+        y = y.clamp(0, self.num_classes - 1)  # out-of-range labels would crash the cost first
         now = time.perf_counter()
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -221,7 +227,9 @@ class PCNEPModule(L.LightningModule):
         self.manual_backward(estimate.surrogate if estimate is not None
                              else sum((0.0 * p).sum() for p in params))
         healthy = self._healthy(estimate, params) if estimate is not None else None
-        interrupted, healthy = self._agree(estimate is None, healthy)
+        interrupted, healthy, valid = self._agree(estimate is None, healthy, valid)
+        if not valid:
+            raise self._bad_batch(x, batch[1], self._train_where())
         if interrupted:
             optimizer.zero_grad()
             return None
@@ -265,14 +273,47 @@ class PCNEPModule(L.LightningModule):
                     ok = ok & ~(estimate.stats[key] > bound)
         return ok
 
-    def _agree(self, interrupted: bool, healthy: Tensor | None) -> tuple[bool, bool]:
-        """(any rank interrupted, every rank healthy): one read from the device, and under DDP
-        one all-reduce on the CPU."""
-        flags = torch.tensor([int(interrupted), int(healthy is not None and not bool(healthy))])
+    def _agree(self, interrupted: bool, healthy: Tensor | None,
+               valid: Tensor) -> tuple[bool, bool, bool]:
+        """(any rank interrupted, every rank healthy, every rank's batch valid): one read from the
+        device, and under DDP one all-reduce on the CPU."""
+        sick = torch.zeros((), dtype=torch.bool, device=valid.device) if healthy is None else ~healthy
+        flags = torch.stack([sick, ~valid]).to("cpu", torch.int64)
+        flags = torch.cat([torch.tensor([int(interrupted)]), flags])
         group = getattr(self, "_flag_group", None)
         if group is not None:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
-        return bool(flags[0]), not bool(flags[1])
+        interrupted, sick, bad = flags.tolist()
+        return bool(interrupted), not sick, not bad
+
+    def _valid_batch(self, x: Tensor, y: Tensor, where: str) -> Tensor:
+        """What every batch must be, whatever data module made it: integer labels in
+        [0, num_classes), one per example, and finite inputs. Shapes and types are checked at once
+        (no device read); the values give a 0-dim bool on the device, read with the step's flags."""
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise BadBatch(f"bad {where}: expected a pair of tensors (inputs, labels), got "
+                           f"({type(x).__name__}, {type(y).__name__})")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.dim() != 1:
+            raise BadBatch(f"bad {where}: labels must be a vector of integer class indices, got "
+                           f"{y.dtype} of shape {list(y.shape)}")
+        if len(y) != len(x):
+            raise BadBatch(f"bad {where}: {len(x)} inputs but {len(y)} labels")
+        return (y >= 0).all() & (y < self.num_classes).all() & torch.isfinite(x).all()
+
+    def _bad_batch(self, x: Tensor, y: Tensor, where: str) -> BadBatch:
+        """Why a batch failed ``_valid_batch`` (the rare path: reads the device freely)."""
+        problems = []
+        outside = (y < 0) | (y >= self.num_classes)
+        if bool(outside.any()):
+            problems.append(f"{int(outside.sum())} labels outside [0, {self.num_classes}) "
+                            f"(min {int(y.min())}, max {int(y.max())})")
+        if not bool(torch.isfinite(x).all()):
+            problems.append(f"{int((~torch.isfinite(x)).sum())} non-finite input values (NaN or inf)")
+        return BadBatch(f"bad {where}: {'; '.join(problems) or 'another rank’s batch was bad'} "
+                        "(the data module's data is at fault, not training)")
+
+    def _train_where(self) -> str:
+        return f"train batch at epoch {self.current_epoch}, step {self.global_step}"
 
     def _diagnose(self, x: Tensor, y: Tensor, estimate) -> str:
         """Why the step failed, naming phase and layer (only on this rare path, so the healthy
@@ -382,8 +423,12 @@ class PCNEPModule(L.LightningModule):
                   + ", ".join(changed), file=sys.stderr)
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], split: str, batch_idx: int) -> None:
         x, y = batch
+        where = f"{split} batch {batch_idx}" + (f" at epoch {self.current_epoch}"
+                                                 if self.trainer.state.fn == "fit" else "")
+        if not bool(self._valid_batch(x, y, where)):  # evaluation reads its metrics anyway
+            raise self._bad_batch(x, y, where)
         logits = self.network(x)
         loss = self.estimator.cost.value(logits, y).mean()
         self.log(f"{split}/loss", loss, batch_size=len(y), sync_dist=True)
@@ -392,10 +437,10 @@ class PCNEPModule(L.LightningModule):
                 metric.update(logits, y)
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def _log_errors(self, split: str) -> None:
         for name, metric in self.metrics.items():
