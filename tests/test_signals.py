@@ -49,8 +49,8 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("signal, at, says, step_saved", [
     ("SIGTERM", "setup", "before training started: no checkpoint on disk", None),
     ("SIGHUP", "sanity", "before training started: no checkpoint on disk", None),
-    ("SIGUSR1", "train", "after saving", 3),  # at the start of step 3: steps 0-2 saved
-    ("SIGINT", "train", "after saving", 3),
+    ("SIGUSR1", "train", "after saving", 4),  # during step 3: the step ends, then the save
+    ("SIGINT", "train", "after saving", 4),
     ("SIGINT", "fit_validation", "before training step 8", 8),  # the epoch's validation finishes
 ])
 def test_a_signal_during_fit_stops_it_saying_what_is_on_disk(tmp_path, capsys, signal, at, says,
@@ -92,6 +92,6 @@ def test_a_second_sigint_stops_at_once_and_says_what_is_on_disk(tmp_path, capsys
     path = signalled_config(tmp_path, "SIGINT", "sanity", times=2)
     code = main(["fit", "--config", str(path), "--trainer.max_epochs", "3", "--ckpt_path", "last"])
     line = stop_line(capsys.readouterr().err)
-    assert code == 130 and line.startswith("pcn_ep: stopped at once by a second SIGINT"), line
+    assert code == 130 and line.startswith("pcn_ep: stopped at once by a second signal (SIGINT"), line
     assert f"last checkpoint on disk: {tmp_path / 'checkpoints' / 'last.ckpt'}" in line, line
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before

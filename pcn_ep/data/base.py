@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
 class DataError(ValueError):
@@ -48,24 +49,43 @@ def check_split(split: str, x: Tensor, y: Tensor, num_classes: int, source: str)
 
 
 class EpochShuffle(Sampler[int]):
-    """A random order that depends only on (seed, epoch): resuming replays the same batches.
+    """A random order that depends only on (seed, epoch), and that knows where it is in it.
 
     Lightning calls ``set_epoch`` at the start of every epoch; torch's ``RandomSampler`` would
-    instead draw from the global RNG, whose state a checkpoint does not restore.
+    instead draw from the global RNG, whose state a checkpoint does not restore. The position
+    (``state_dict``: the epoch and how many indices it has yielded) travels in the checkpoint
+    through torchdata's ``StatefulDataLoader``, so a run stopped after any step resumes with the
+    next example of the same order.
     """
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.yielded = 0
+        self._resume: dict[str, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        # a generator: the order is drawn at the first index, after Lightning's set_epoch; a saved
+        # position applies only to the epoch it was saved in (Lightning may resume into the next)
+        resume, self._resume = self._resume, None
+        start = resume["yielded"] if resume and resume["epoch"] == self.epoch else 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + self.epoch)).tolist()
+        self.yielded = start
+        for index in order[start:]:
+            self.yielded += 1
+            yield index
 
     def __len__(self) -> int:
         return self.size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
 
 
 def step_generator(seed: int, trainer: L.Trainer) -> torch.Generator:
@@ -120,9 +140,10 @@ class TensorDataModule(L.LightningDataModule):
         if train and self.drop_last and len(y) < self.batch_size:
             raise ValueError(f"batch_size {self.batch_size} exceeds the {len(y)} training examples "
                              "and drop_last is set: no batch would be left")
-        sampler = EpochShuffle(len(y), self.seed) if train else None
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, sampler=sampler,
-                          drop_last=train and self.drop_last)
+        if not train:
+            return DataLoader(TensorDataset(x, y), batch_size=self.batch_size)
+        return StatefulDataLoader(TensorDataset(x, y), batch_size=self.batch_size,
+                                  sampler=EpochShuffle(len(y), self.seed), drop_last=self.drop_last)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -11,9 +11,10 @@
 - ``Preemption``: SIGTERM, SIGUSR1 (SLURM's pre-timeout signal, ``#SBATCH --signal=SIGUSR1@120``),
   SIGHUP and SIGINT on any rank stop every rank at the same step boundary: the ranks agree through
   the process group after each step, ``last.ckpt`` is written once, the job is requeued under SLURM
-  (SIGUSR1), and the CLI exits 128 + the signal (143 for SIGUSR1). The nudged phase polls the same
-  flag each iteration, so a huge K cannot hold the stop hostage. Outside training (setup,
-  evaluation) the stop is immediate, as there is nothing to save.
+  (SIGUSR1), and the CLI exits 128 + the signal (143 for SIGUSR1). The step in progress is never
+  cut short, so the resume continues exactly where an unstopped run would; a second signal stops
+  at once (``StopNow``). Outside training (setup, evaluation) the stop is immediate, as there is
+  nothing to save.
 - ``RunFolderLock``: one process per checkpoint folder (an ``flock`` the OS drops when the holder
   dies, so a dead run's lock is taken over); it also clears partial files a killed save left.
 """
@@ -164,13 +165,13 @@ class Preempted(Exception):
 
 
 class StopNow(BaseException):
-    """A second SIGINT: stop at once, wherever the command is (a ``BaseException``, as
+    """A second signal (Ctrl-C twice): stop at once, wherever the command is (a ``BaseException``, as
     ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it)."""
 
 
 class StopRequest:
-    """The process's stop flag: set by the signal handler, read between steps and by the nudged
-    phase. Signals are per process, so one flag per process is the honest shape."""
+    """The process's stop flag: set by the signal handler, read between steps. Signals are per
+    process, so one flag per process is the honest shape."""
 
     signum: int = 0
 
@@ -197,9 +198,12 @@ def on_signal(signum, frame) -> None:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, fd)
                 os.close(devnull)
-    if signum == signal.SIGINT and STOP.signum:
-        raise StopNow(f"stopped at once by a second SIGINT (the first was {signal.Signals(STOP.signum).name})")
-    STOP.signum = STOP.signum or signum
+    if STOP.signum:  # a second signal (Ctrl-C twice): stop now, wherever the command is
+        stop = StopNow(f"stopped at once by a second signal ({signal.Signals(signum).name}; the "
+                       f"first was {signal.Signals(STOP.signum).name})")
+        stop.signum = signum
+        raise stop
+    STOP.signum = signum
 
 
 def take_signals() -> None:
@@ -241,17 +245,18 @@ class Preemption(Callback):
     """Every stop signal, wherever the command is, on every rank at once (the ranks agree on the
     flag through a CPU process group):
 
-    - during training: after the current step, ``last.ckpt`` is saved and the command stops;
-    - during the validation inside ``fit``: after it, once ``LastCheckpoint`` saved the epoch
-      (a resume then continues exactly where an uninterrupted run would); a second Ctrl-C stops
-      at once;
-    - before the first step (setup, the sanity check), in ``validate``, ``test`` and the test
-      after ``fit``: at once, as nothing is left to save.
+    - in training: after the current step (never cut short), with ``last.ckpt`` saved there, the
+      data loader's position included, so a resume continues exactly as an unstopped run;
+    - during the validation inside ``fit``: that validation ends, the next step runs, then the
+      same save and stop;
+    - during setup's sanity check, ``validate``, ``test`` and the test after ``fit``: at once, as
+      nothing is left to save.
+
+    A second signal stops at once wherever the command is (``on_signal`` raises ``StopNow``).
     """
 
     def __init__(self) -> None:
         self._group = None
-        self._start_step: int | None = None
 
     def _start(self, trainer, pl_module) -> None:
         take_signals()
@@ -277,27 +282,13 @@ class Preemption(Callback):
         self._start(trainer, pl_module)
         self._stop_evaluation(trainer)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start_step = trainer.global_step  # restored by a resume
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        """A stop that came between steps (loading the batch, the validation that ended the last
-        epoch, setup, the sanity check)."""
-        signum = self.agreed_signal()
-        if signum:
-            self._stop_training(trainer, signum)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """After a step, whenever the stop came (during the step, loading its batch, the
+        validation that ended the previous epoch): the state and the data position are saved
+        together, so the resume takes the next batch."""
         signum = self.agreed_signal()
-        if signum:
-            self._stop_training(trainer, signum)
-
-    def _stop_training(self, trainer, signum: int) -> None:
-        """Save ``last.ckpt`` unless it already holds this step (or no step ran here), then stop."""
-        saved = getattr(trainer, "_pcn_last_saved", (None, None))[1]
-        if trainer.global_step in (saved, self._start_step):
-            raise Preempted(signum, f"before training step {trainer.global_step}: {on_disk(trainer)}"
-                                    "; resume with the same command and --ckpt_path last")
+        if not signum:
+            return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # collective: rank 0 writes, all wait
         trainer._pcn_last_saved = (trainer.current_epoch, trainer.global_step)

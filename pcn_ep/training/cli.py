@@ -399,11 +399,11 @@ def main(argv: list[str]) -> int:
     except Preempted as stop:
         print(f"pcn_ep: {stop}", file=sys.stderr)
         return exit_code(stop.signum)
-    except (StopNow, SIGTERMException) as stop:  # a second Ctrl-C; Lightning's own SIGTERM stop
-        signum = STOP.signum or signal.SIGTERM
+    except (StopNow, SIGTERMException) as stop:  # a second signal; Lightning's own SIGTERM stop
+        signum = getattr(stop, "signum", STOP.signum or signal.SIGTERM)
         text = str(stop) or f"stopped by {signal.Signals(signum).name}"
         print(f"pcn_ep: {text}; {getattr(stop, 'on_disk', 'no checkpoint on disk')}", file=sys.stderr)
-        return exit_code(signal.SIGINT if isinstance(stop, StopNow) else signum)
+        return exit_code(signum)
     except (ValueError, FileNotFoundError, DivergenceError, MisconfigurationException,
             CheckpointWriteError, RunFolderBusy, ImportError) as err:
         print(f"pcn_ep: error: {one_line(err)}", file=sys.stderr)

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..core import EquilibriumPropagation, Interrupted, gradient_fidelity
+from ..core import EquilibriumPropagation, gradient_fidelity
 
 
 class GradientFidelity(Callback):
@@ -53,11 +53,8 @@ class GradientFidelity(Callback):
             return
         self._checked_step = step  # a skipped (diverged) batch does not advance the step
         x, y = batch
-        try:
-            with trainer.precision_plugin.train_step_context():
-                report = gradient_fidelity(pl_module.network, ep, x, y, next_signs(ep, x))
-        except Interrupted:  # a stop request: the step that follows saves and stops at once
-            return
+        with trainer.precision_plugin.train_step_context():
+            report = gradient_fidelity(pl_module.network, ep, x, y, next_signs(ep, x))
         self.latest = {**metrics(report), "epoch": float(trainer.current_epoch)}
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)

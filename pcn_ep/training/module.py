@@ -16,8 +16,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..core import (PCN, POOL_ROUTINGS, Backprop, DivergenceError, Dynamics, EquilibriumPropagation,
-                    Interrupted, compile_estimator)
-from .callbacks import STOP, LastCheckpoint, Preemption, RunFolderLock, model_checkpoints
+                    compile_estimator)
+from .callbacks import LastCheckpoint, Preemption, RunFolderLock, model_checkpoints
 
 
 class BadBatch(ValueError):
@@ -132,7 +132,7 @@ class PCNEPModule(L.LightningModule):
             self.estimator = EquilibriumPropagation(
                 cost, perturbation, scheme, beta, Dynamics(K, rule, order, alpha),
                 pool_routing=pool_routing,
-                generator=self.signs, interrupt=STOP,
+                generator=self.signs,
             )
         self.estimator.check_finite = False  # the step reads one health flag instead (_healthy)
         self._estimate = compile_estimator(self.estimator) if compile else self.estimator
@@ -208,8 +208,9 @@ class PCNEPModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         """One update. The health of the step (finite loss and gradients, nudged energy within
         ``max_energy_ratio``) is read from the device once, at the end, before the optimizer step;
-        under DDP the ranks agree on it (and on an interrupted nudged phase) so that they all
-        take the step or all skip it."""
+        under DDP the ranks agree on it so that they all take the step or all skip it. A stop
+        request (a signal) never cuts a step short: the step ends, ``Preemption`` saves after it,
+        and a resume continues with the next batch exactly as an unstopped run would."""
         x, y = batch
         valid = self._valid_batch(x, y, self._train_where())
         y = y.clamp(0, self.num_classes - 1)  # out-of-range labels would crash the cost first
@@ -218,21 +219,13 @@ class PCNEPModule(L.LightningModule):
         optimizer.zero_grad()
         try:
             estimate = self._estimate(self.network, x, y)
-        except Interrupted:  # a stop request: take no step; Preemption saves after this batch
-            estimate = None
         except DivergenceError as err:
             return self._diverged(err)
         params = list(self.network.parameters())
-        # every rank joins DDP's all-reduce, even one whose nudged phase was interrupted
-        self.manual_backward(estimate.surrogate if estimate is not None
-                             else sum((0.0 * p).sum() for p in params))
-        healthy = self._healthy(estimate, params) if estimate is not None else None
-        interrupted, healthy, valid = self._agree(estimate is None, healthy, valid)
+        self.manual_backward(estimate.surrogate)
+        healthy, valid = self._agree(self._healthy(estimate, params), valid)
         if not valid:
             raise self._bad_batch(x, batch[1], self._train_where())
-        if interrupted:
-            optimizer.zero_grad()
-            return None
         if not healthy:
             optimizer.zero_grad()
             return self._diverged(DivergenceError(self._diagnose(x, y, estimate)))
@@ -273,18 +266,15 @@ class PCNEPModule(L.LightningModule):
                     ok = ok & ~(estimate.stats[key] > bound)
         return ok
 
-    def _agree(self, interrupted: bool, healthy: Tensor | None,
-               valid: Tensor) -> tuple[bool, bool, bool]:
-        """(any rank interrupted, every rank healthy, every rank's batch valid): one read from the
-        device, and under DDP one all-reduce on the CPU."""
-        sick = torch.zeros((), dtype=torch.bool, device=valid.device) if healthy is None else ~healthy
-        flags = torch.stack([sick, ~valid]).to("cpu", torch.int64)
-        flags = torch.cat([torch.tensor([int(interrupted)]), flags])
+    def _agree(self, healthy: Tensor, valid: Tensor) -> tuple[bool, bool]:
+        """(every rank healthy, every rank's batch valid): one read from the device, and under
+        DDP one all-reduce on the CPU."""
+        flags = torch.stack([~healthy, ~valid]).to("cpu", torch.int64)
         group = getattr(self, "_flag_group", None)
         if group is not None:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
-        interrupted, sick, bad = flags.tolist()
-        return bool(interrupted), not sick, not bad
+        sick, bad = flags.tolist()
+        return not sick, not bad
 
     def _valid_batch(self, x: Tensor, y: Tensor, where: str) -> Tensor:
         """What every batch must be, whatever data module made it: integer labels in
@@ -364,9 +354,10 @@ class PCNEPModule(L.LightningModule):
                               f"{self.global_step}: non-finite weights {when} (parameter {bad}); "
                               "nothing was saved from this state")
 
-    def on_train_epoch_start(self) -> None:
-        """Bring a per-epoch schedule to the current epoch. Idempotent, so a checkpoint saved
-        before or after the epoch's end resumes on the same learning rate."""
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Bring a per-epoch schedule to the current epoch, before every step (two integers
+        compared): Lightning skips ``on_train_epoch_start`` for an epoch it resumes into, and a
+        checkpoint saved before or after an epoch's end must resume on the same learning rate."""
         if self.hparams.schedule_interval == "epoch":
             scheduler = self.lr_schedulers()
             with warnings.catch_warnings():  # after a resume no optimizer step has run yet: fine

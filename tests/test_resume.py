@@ -1,0 +1,64 @@
+"""A run stopped after any step and resumed with ``--ckpt_path last`` ends bitwise where the run
+that was never stopped ends: weights, optimizer, sign generators, steps. The signal comes from the
+run itself (``signal_at.SignalAt``) so each case stops where it says."""
+import warnings
+
+import pytest
+import torch
+import yaml
+
+from pcn_ep.training.cli import main
+from test_training import tiny_config
+
+
+def config(folder, signal=None, at="train", step=0):
+    """3 epochs of 8 batches of digits, the random scheme (its signs must resume too)."""
+    path, cfg = tiny_config(folder, scheme="random", t_max=3)
+    cfg["trainer"].update(max_epochs=3)
+    if signal:
+        cfg["trainer"]["callbacks"].append({"class_path": "signal_at.SignalAt", "init_args": {
+            "signal": signal, "at": at, "step": step}})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_state(folder):
+    saved = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    return saved["global_step"], saved["state_dict"], saved["optimizer_states"], saved["sign_generators"]
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def unstopped(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unstopped")
+    assert main(["fit", "--config", str(config(folder))]) == 0
+    return final_state(folder)
+
+
+@pytest.mark.parametrize("signal, at, step, saved_step", [
+    ("SIGTERM", "train", 3, 4),           # mid-epoch: the step ends, then the save
+    ("SIGUSR1", "train", 7, 8),           # the epoch's last step, before its validation
+    ("SIGINT", "fit_validation", 0, 9),   # epoch 0's validation ends, one more step, then the save
+    ("SIGTERM", "train", 12, 13),         # mid-epoch of a later epoch
+])
+def test_a_run_stopped_after_any_step_resumes_bitwise(tmp_path, capsys, unstopped, signal, at,
+                                                      step, saved_step):
+    code = main(["fit", "--config", str(config(tmp_path, signal, at, step))])
+    assert code in (130, 143), capsys.readouterr().err
+    assert final_state(tmp_path)[0] == saved_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--config", str(config(tmp_path)), "--ckpt_path", "last"]) == 0
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    resumed = final_state(tmp_path)
+    assert resumed[0] == unstopped[0] == 24
+    assert same(resumed, unstopped)
