@@ -62,3 +62,44 @@ def test_a_run_stopped_after_any_step_resumes_bitwise(tmp_path, capsys, unstoppe
     resumed = final_state(tmp_path)
     assert resumed[0] == unstopped[0] == 24
     assert same(resumed, unstopped)
+
+
+def imagefolder_config(folder, root, signal=None, step=0):
+    """configs/imagefolder.yaml on 36 small real images of 3 classes, 2 decoding workers,
+    3 epochs of 6 batches of 6 (the random resized crops and flips are drawn in the workers)."""
+    from images import image_folder
+    from test_usability import CONFIGS
+
+    if not root.exists():
+        for split, count in (("train", 12), ("val", 2)):
+            image_folder(root / split, classes=3, per_class=count, size=24)
+    cfg = yaml.safe_load((CONFIGS / "imagefolder.yaml").read_text())
+    cfg["data"]["init_args"].update(root=str(root), image_size=16, batch_size=6, num_workers=2)
+    cfg["model"]["network"]["init_args"]["width_mult"] = 0.0625
+    cfg["model"]["t_max"] = 3
+    cfg["trainer"].update(max_epochs=3, default_root_dir=str(folder), enable_progress_bar=False)
+    cfg["trainer"]["logger"] = False
+    for callback in cfg["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(folder / "checkpoints")
+    if signal:
+        cfg["trainer"]["callbacks"].append({"class_path": "signal_at.SignalAt", "init_args": {
+            "signal": signal, "at": "train", "step": step}})
+    cfg["test_after_fit"] = False
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("step", [2, 5, 8])  # mid-epoch 0; the last step of epoch 0; mid-epoch 1
+def test_an_imagefolder_run_with_workers_resumes_bitwise(tmp_path, capsys, step):
+    root, whole, parts = tmp_path / "images", tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    assert main(["fit", "--config", str(imagefolder_config(whole, root))]) == 0
+    assert main(["fit", "--config", str(imagefolder_config(parts, root, "SIGTERM", step))]) == 143
+    assert final_state(parts)[0] == step + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", "--config", str(imagefolder_config(parts, root)), "--ckpt_path", "last"]) == 0
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert final_state(whole)[0] == 18 and same(final_state(parts), final_state(whole))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -55,11 +55,12 @@ class EpochShuffle(Sampler[int]):
     instead draw from the global RNG, whose state a checkpoint does not restore. The position
     (``state_dict``: the epoch and how many indices it has yielded) travels in the checkpoint
     through torchdata's ``StatefulDataLoader``, so a run stopped after any step resumes with the
-    next example of the same order.
+    next example of the same order. ``with_epoch``: yield (epoch, index) pairs, for
+    ``SeededAugmentation``.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, with_epoch: bool = False) -> None:
+        self.size, self.seed, self.epoch, self.with_epoch = size, seed, 0, with_epoch
         self.yielded = 0
         self._resume: dict[str, int] | None = None
 
@@ -76,16 +77,50 @@ class EpochShuffle(Sampler[int]):
         self.yielded = start
         for index in order[start:]:
             self.yielded += 1
-            yield index
+            yield (self.epoch, index) if self.with_epoch else index
 
     def __len__(self) -> int:
         return self.size
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self.yielded}
+        return {"sampler": "EpochShuffle", "epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state)
+        # the epoch now: a loader with workers draws its first indices before Lightning's set_epoch
+        self.epoch, self._resume = state["epoch"], dict(state)
+
+
+def finish_epoch(loader_state):
+    """Mark every ``EpochShuffle`` position in a saved loader state as the start of the next epoch.
+    Called for a checkpoint saved after an epoch's last step: Lightning then resumes into the next
+    epoch, and only it knows where an epoch ends (``limit_train_batches`` may end it early)."""
+    if isinstance(loader_state, dict):
+        if loader_state.get("sampler") == "EpochShuffle":
+            loader_state.update(epoch=loader_state["epoch"] + 1, yielded=0)
+        for value in loader_state.values():
+            finish_epoch(value)
+    elif isinstance(loader_state, (list, tuple)):
+        for value in loader_state:
+            finish_epoch(value)
+
+
+class SeededAugmentation(Dataset):
+    """A data set whose random transforms draw from a seed of (seed, epoch, index), not from the
+    loader worker's RNG stream: an example's augmentation is then the same whichever worker
+    decodes it and wherever a run was resumed (a resumed loader's workers start new streams).
+    Keys are the (epoch, index) pairs of ``EpochShuffle(with_epoch=True)``."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 100_000_007 + index)
+            return self.dataset[index]
 
 
 def step_generator(seed: int, trainer: L.Trainer) -> torch.Generator:

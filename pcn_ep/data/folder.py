@@ -32,7 +32,8 @@ class ImageFolderDataModule(ImageNetDataModule):
         batch_size: per process.
         num_workers: decoding workers per process; null: 4, or fewer if the process has fewer CPUs.
         drop_last: drop the last incomplete training batch.
-        seed: seeds the device-side random crops (``train_crop: random``).
+        seed: seeds the training order, each example's augmentation (a function of seed, epoch and
+            example, so that a resumed run continues bitwise) and the device-side random crops.
     """
 
     def __init__(

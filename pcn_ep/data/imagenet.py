@@ -26,10 +26,11 @@ from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from .base import DataError, step_generator
+from .base import DataError, EpochShuffle, SeededAugmentation, step_generator
 from .images import STATS, normalize, random_crops
 
 MEAN, STD = STATS["imagenet"]
@@ -173,11 +174,16 @@ class ImageNetDataModule(L.LightningDataModule):
         color = [v2.RGB()] if self.channels == 3 else [v2.Grayscale()]
         dataset = ImageFolder(str(path), loader=_decode, transform=v2.Compose(
             [v2.PILToTensor()] + color + crop + flip))
-        # Under DDP Lightning replaces the sampler by a DistributedSampler, which pads the last
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if not train:
+            return DataLoader(dataset, batch_size=self.batch_size, **workers)
+        # The order is a function of (seed, epoch) and its position travels in checkpoints; each
+        # example's augmentation of (seed, epoch, index): a resume continues bitwise (one process).
+        # Under DDP Lightning wraps the sampler in a DistributedSampler, which pads the last
         # rank's share with repeated examples so that every rank gets the same number of batches.
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train,
-                          num_workers=self.num_workers, drop_last=train and self.drop_last,
-                          persistent_workers=self.num_workers > 0)
+        return StatefulDataLoader(SeededAugmentation(dataset, self.seed), batch_size=self.batch_size,
+                                  sampler=EpochShuffle(len(dataset), self.seed, with_epoch=True),
+                                  drop_last=self.drop_last, **workers)
 
     def _loader(self, path: Path, train: bool):
         if self.backend == "ffcv":

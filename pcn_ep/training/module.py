@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..core import (PCN, POOL_ROUTINGS, Backprop, DivergenceError, Dynamics, EquilibriumPropagation,
                     compile_estimator)
+from ..data.base import finish_epoch
 from .callbacks import LastCheckpoint, Preemption, RunFolderLock, model_checkpoints
 
 
@@ -382,9 +383,12 @@ class PCNEPModule(L.LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": hp.schedule_interval}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """No checkpoint ever holds non-finite weights; each rank's sign generator is kept."""
+        """No checkpoint ever holds non-finite weights; each rank's sign generator is kept; a
+        checkpoint saved after an epoch's last step resumes the data at the next epoch's start."""
         if self._trainer is not None and self.trainer.training:
             self.check_weights("before saving a checkpoint")
+            if self.trainer.is_last_batch:
+                finish_epoch(checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}))
         state = self.signs.get_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states = [None] * torch.distributed.get_world_size()
