@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..argtypes import output_file, positive_int
 from ..commandline import CommandParser
 from ..core import MLP, Backprop, Dynamics, EquilibriumPropagation
 from ..core.hopfield import HopfieldEP, HopfieldNet
@@ -170,8 +171,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="pcn-ep and bp's learning rate: annealed to 0 (the recipe) or constant "
                         "(to see the end of training swing)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--json", metavar="FILE", type=output_file,
+                   help="also write the rows as JSON (checked before the first run)")
     return p
 
 
@@ -180,12 +182,17 @@ def tasks_of(args: argparse.Namespace) -> list[Task]:
     if not given:
         return list(WRITEUP_TASKS)
     task = replace(WRITEUP_TASKS[1], **given)
-    check_task(task.n_bits, task.k_sparse, min(task.n_train, task.n_test))
+    try:
+        check_task(task.n_bits, task.k_sparse, min(task.n_train, task.n_test))
+    except ValueError as err:  # named by the flags given, e.g. "--n-bits 0: n_bits must be >= 1"
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+        raise ValueError(f"{flags}: {err}") from None
     return [task]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     try:
         tasks = tasks_of(args)
         bad = [s for s in args.seeds if not 0 <= s <= MAX_SEED]
@@ -193,11 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seeds must be in 0..{MAX_SEED}, got {bad[0]}")
         if args.epochs is not None and args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    except ValueError as err:
-        print(f"pcn_ep: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # one line naming the command and the flag, exit 2
+        p.error(str(err))
     torch.set_num_threads(args.threads)
     runs, movement = [], []
     for task in tasks:

@@ -5,7 +5,8 @@ make it that cell. Every (cell, seed) is one ``python -m pcn_ep fit`` process (o
 Fig. 8) with its own folder ``OUT/TABLE/CELL/seedS/`` holding:
 
 - ``run.json``: the table, the cell's labels, the seed, the exact command, status (``ok``,
-  ``diverged`` or ``failed``) and wall time; ``metrics.csv`` (Lightning's CSV logger); ``config.yaml``;
+  ``diverged``, ``stopped``: by a signal, exit 129/130/143, or ``failed``) and wall time;
+  ``metrics.csv`` (Lightning's CSV logger); ``config.yaml``;
 - ``wandb/``: the W&B run (project ``--wandb-project``, group = the table, tags = the cell's labels),
   offline unless an API key is configured;
 - ``checkpoints/last.ckpt``: a rerun resumes an unfinished run from it and skips finished ones.
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from ..argtypes import nonneg_int, positive_int, seed as seed_number
 from ..commandline import CommandParser
 from .tables import TABLES, Cell, Table
 
@@ -49,6 +51,9 @@ MARKER = ".pcn_ep-results.json"  # in each results root: {"smoke": bool}; report
 SLURM_CLUSTER = "slurm"           # submitit's executor for --launcher slurm ("local" in the tests)
 SIGNAL_DELAY_S = 120              # SLURM signals a job this long before its time limit
 REQUEUES = 100                    # time-outs a run may be requeued after (preemptions do not count)
+# exit codes of a fit process stopped by a signal after saving last.ckpt (128 + the signal): the
+# run is "stopped", never "ok", and the next attempt resumes from last.ckpt
+STOPPED = {129: "SIGHUP", 130: "SIGINT", 143: "SIGTERM or SIGUSR1"}
 # -- one run ------------------------------------------------------------------------------------
 def data_overrides(config: str, roots: dict[str, str]) -> dict:
     """Point a config at the user's data: ``--data-root cifar100=/x`` (ImageDataModule roots) or
@@ -179,8 +184,14 @@ def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
         f.seek(offset)
         lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
     error = next((l for l in reversed(lines) if "error:" in l), lines[-1] if lines else "")
-    # 143: stopped by SIGTERM/SIGUSR1 after saving last.ckpt; the next attempt resumes from it
-    status = ("ok" if rc == 0 else "stopped" if rc == 143
+    if rc in STOPPED:
+        error = next((l for l in reversed(lines) if l.startswith("pcn_ep: stopped")),
+                     f"stopped by {STOPPED[rc]} (exit {rc})")
+    elif rc < 0:  # killed by a signal it did not handle: nothing saved since the last epoch
+        error = f"killed by {signal.Signals(-rc).name}" if -rc in signal.valid_signals() else error
+    # The return code alone decides: the CLI exits non-zero whenever a run did not end (a signal
+    # during fit, its test or setup), so exit 0 is a run that trained and tested.
+    status = ("ok" if rc == 0 else "stopped" if rc in STOPPED
               else "diverged" if "diverged" in error else "failed")
     record = {"table": table.name, "cell": cell.labels, "seed": seed, "config": cell.config,
               "smoke": args.smoke, "status": status, "returncode": rc,
@@ -254,6 +265,8 @@ def slurm_minutes(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"expects MINUTES, HH:MM:SS or D-HH:MM:SS, got {text!r}")
     if match[1]:
+        if not int(match[1]):
+            raise argparse.ArgumentTypeError(f"must be at least 1 minute, got {text!r}")
         return int(match[1])
     days, hours, mins, secs = (int(g or 0) for g in match.groups()[1:])
     return max(1, days * 1440 + hours * 60 + mins + math.ceil(secs / 60))
@@ -359,13 +372,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="mnist|cifar10|cifar100|imagenet32=ROOT, imagenet=DIR with train.beton "
                         "and val.beton (repeatable; default: the configs' data/NAME)")
-    p.add_argument("--gpus", type=int, default=None,
+    p.add_argument("--gpus", type=nonneg_int, default=None,
                    help="GPUs on this node (default: all visible; with --dry-run, GPU commands even "
                         "where none is visible: one GPU per VGG5 run, every GPU of the node for a "
                         "DDP run; --gpus 0: CPU commands)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="concurrent runs on a CPU (default 1, or 2 with --smoke)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the table's")
+    p.add_argument("--seeds", type=seed_number, nargs="+", default=None, help="default: the table's")
     p.add_argument("--smoke", action="store_true",
                    help="the same grid on the embedded digits, tiny nets, 2 epochs (CPU)")
     p.add_argument("--wandb-project", default="pcn-ep")
@@ -385,13 +398,13 @@ def parser() -> argparse.ArgumentParser:
     slurm = p.add_argument_group("--launcher slurm")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--account", default=None)
-    slurm.add_argument("--gpus-per-run", type=int, default=None,
+    slurm.add_argument("--gpus-per-run", type=nonneg_int, default=None,
                        help="default 1, or 8 for a table whose runs use DDP (table_top5); "
                             "--smoke submits CPU jobs")
     slurm.add_argument("--time", type=slurm_minutes, default="24:00:00",
                        help="each job's time limit, MINUTES or [D-]HH:MM:SS (default 24:00:00): "
                             "a run that needs longer is requeued and goes on from last.ckpt")
-    slurm.add_argument("--cpus-per-task", type=int, default=8,
+    slurm.add_argument("--cpus-per-task", type=positive_int, default=8,
                        help="CPUs per task, i.e. per GPU (default 8): the data loader's workers")
     slurm.add_argument("--wait", action="store_true",
                        help="wait for the jobs to end, then write the report")
@@ -425,8 +438,13 @@ def claim_root(out: Path, smoke: bool) -> str | None:
     if other:
         return (f"pcn_ep: error: {out} holds {other} runs: {kind} runs need their own results "
                 f"folder (--out; the default is results/ for real runs, results/smoke/ for smoke)")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"smoke": smoke}) + "\n")
+    if out.exists() and not out.is_dir():
+        return f"pcn_ep: error: reproduce: --out {out} is a file, not a results folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"smoke": smoke}) + "\n")
+    except OSError as err:  # a file in the way, no permission
+        return f"pcn_ep: error: reproduce: --out {out}: cannot write there ({err.strerror})"
     return None
 
 
@@ -446,7 +464,10 @@ def print_commands(lines) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):  # two runs would share one folder
+        p.error(f"argument --seeds: a seed is given twice: {args.seeds}")
     table = TABLES[args.table]
     if not CONFIGS.is_dir():
         print(f"pcn_ep: error: {CONFIGS} not found: run from a checkout of the repository "
@@ -463,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.data_root[name] = str(Path(root).resolve())  # absolute in the logged commands
     if args.energy_ckpt:
+        from ..tools.energy import read_checkpoint  # as energy reads it: data only, one line
+
         args.energy_ckpt = str(Path(args.energy_ckpt).resolve())
+        try:
+            read_checkpoint(args.energy_ckpt)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"pcn_ep: error: reproduce: --energy-ckpt: {err}", file=sys.stderr)
+            return 2
     args.out = (args.out or Path("results/smoke" if args.smoke else "results")).resolve()
     runs = [(cell, seed) for cell in table.cells() for seed in (args.seeds or table.seeds)]
     if not args.smoke and not args.dry_run:  # before the first run, not 57 s into it
@@ -514,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(execute, runs))
     if failures:
         failed = failures[0]
-        print(f"pcn_ep: error: run {failed['cell']} seed {failed['seed']} failed: "
-              f"{failed['error']} (log: {args.out / table.name})", file=sys.stderr)
+        print(f"pcn_ep: error: run {failed['cell']} seed {failed['seed']} {failed['status']}: "
+              f"{failed['error']} (log: {args.out / table.name}"
+              + ("; rerun the command to resume it)" if failed["status"] == "stopped" else ")"),
+              file=sys.stderr)
         return 1
     return write_table_report(table, args)
 

@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..argtypes import output_file, positive_float, positive_int, seed
 from ..commandline import CommandParser
 from ..core import (ORDERS, POOL_ROUTINGS, RULES, SCHEMES, Backprop, Dynamics,
                     EquilibriumPropagation, compile_estimator)
@@ -40,10 +41,10 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "32": 67e12}, "H200": {"bf16": 989e12, "3
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m pcn_ep bench", description=__doc__.split("\n")[0])
     add_network_arguments(p, width_mult=0.25)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--scheme", choices=SCHEMES, default="centered")
-    p.add_argument("--beta", type=float, default=0.05)
-    p.add_argument("--K", type=int, default=5)
+    p.add_argument("--beta", type=positive_float, default=0.05)
+    p.add_argument("--K", type=positive_int, default=5)
     p.add_argument("--rule", choices=RULES, default="mod-pgd")
     p.add_argument("--order", choices=ORDERS, default="async")
     p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
@@ -52,16 +53,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each estimate whole (core.compile_estimator)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--memory", action="store_true",
                    help="peak memory per example of BP, centered and random EP instead of time")
-    p.add_argument("--batch-sizes", type=int, nargs=2, default=[8, 16], metavar=("B1", "B2"))
-    p.add_argument("--at", type=int, default=256, help="batch size for the projected peak")
+    p.add_argument("--batch-sizes", type=positive_int, nargs=2, default=[8, 16], metavar=("B1", "B2"),
+                   help="two different batch sizes (default: 8 16)")
+    p.add_argument("--at", type=positive_int, default=256, help="batch size for the projected peak")
     p.add_argument("--suite", choices=["gpu"], default=None,
                    help="the GPU suite: VGG10 224 in fp32, bf16 and compiled, memory, cosines, DDP")
-    p.add_argument("--out", default="BENCHMARKS-gpu.md", help="where --suite writes its table")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="where --suite writes its table (default: BENCHMARKS-gpu.md)")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -179,7 +182,7 @@ def peak_bytes(args: argparse.Namespace, method: str, batch: int) -> int:
             training_step(network, estimator(args, method), optimizer, x, y)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    spec = json.dumps({"args": vars(args), "method": method, "batch": batch})
+    spec = json.dumps({"args": vars(args), "method": method, "batch": batch}, default=str)
     code = "import sys; from pcn_ep.tools.bench import _child_peak; print(_child_peak(sys.argv[1]))"
     # glibc serves every block above 64 KiB with its own mmap: the resident set then follows the
     # live tensors, not the reuse pattern of the heap (which made the slope vary by ±15 MiB).
@@ -332,11 +335,19 @@ def gpu_suite(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.batch_sizes[0] == args.batch_sizes[1]:
+        p.error(f"argument --batch-sizes: must be two different sizes, got {args.batch_sizes}")
     if args.suite == "gpu":
         if not torch.cuda.is_available():
             print("pcn_ep: error: --suite gpu needs a CUDA device; none is visible", file=sys.stderr)
             return 2
+        if args.out is None:  # checked here, not as a default: only --suite writes it
+            try:
+                args.out = output_file("BENCHMARKS-gpu.md")
+            except argparse.ArgumentTypeError as err:
+                p.error(f"argument --out: {err}")
         table = gpu_suite(args)
         with open(args.out, "w") as f:
             f.write(table + "\n")

@@ -6,17 +6,21 @@ paper uses a VGG10 and 8 ImageNet validation images; it does not say whether the
 [?]: without ``--ckpt`` the curves are those of the network at initialization.
 
 Output: ``{"K": [0..K_max], "beta": β, "curves": {"mod-pgd/+": {"mean": [...], "per_image": [[...]]},
-...}, "delta_F": {"mod-pgd/+": F(K_config) − F(0), ...}}``. Exit 1 on a missing checkpoint.
+...}, "delta_F": {"mod-pgd/+": F(K_config) − F(0), ...}}``. Exit 2 on a bad flag or value, 1 on a
+checkpoint that is missing, unreadable, holds anything but data, or does not fit the config's network
+(one line naming the file and the first tensor that differs).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from ..argtypes import output_file, positive_int, seed
 from ..commandline import CommandParser
 from ..core import Dynamics, get_cost, nudged_phase
 
@@ -46,37 +50,77 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True,
                    help="a training config (repeatable, layered like fit's)")
     p.add_argument("--ckpt", default=None, help="weights to load (a fit checkpoint)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--K-max", type=int, default=20, help="iterations to trace (the paper: K=10 in "
-                                                         "training, spike from K≈5)")
+    p.add_argument("--out", type=output_file, required=True,
+                   help="the JSON file to write (its folder must exist)")
+    p.add_argument("--images", type=positive_int, default=8)
+    p.add_argument("--K-max", type=positive_int, default=20,
+                   help="iterations to trace (the paper: K=10 in training, spike from K≈5)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     return p
+
+
+def read_checkpoint(path: str) -> dict:
+    """The weights of a fit checkpoint, loaded as data only (``load_checkpoint``: a file that would
+    run code is refused); every fault is a ``ValueError`` naming the file. ``reproduce
+    --energy-ckpt`` checks its file with this before its first run."""
+    from ..training.callbacks import load_checkpoint  # Lightning: only when asked
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_checkpoint(path)["state_dict"]
+
+
+def check_fits(state: dict, model: torch.nn.Module, path: str) -> None:
+    """One line naming the file and the first tensor that does not fit the config's network."""
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            raise ValueError(f"checkpoint {path} does not fit the config's network: it holds {key}, "
+                             "which the network lacks")
+        if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"checkpoint {path} does not fit the config's network: {key} is "
+                             f"{shape}, the network's is {tuple(expected[key].shape)}")
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit the config's network: it lacks {missing[0]}"
+                         + (f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    import warnings
+    from ..training.cli import PCNCLI, check_config_files, quiet_known_noise
 
-    from ..training.cli import PCNCLI
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet_known_noise()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
     torch.manual_seed(args.seed)
     config_args = [a for c in args.config for a in ("--config", c)] + [f"--seed_everything={args.seed}"]
     try:
+        torch.empty(0, device=args.device)  # an unknown or absent device: one line, before any work
+    except (RuntimeError, AssertionError) as err:
+        print(f"pcn_ep: error: energy: --device {args.device}: {str(err).splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    try:
+        for logger in loggers:  # no trainer runs here: its notices (devices, seed) are noise
+            logger.setLevel(logging.WARNING)
+        state = read_checkpoint(args.ckpt) if args.ckpt else None
+        check_config_files(config_args)
         cli = PCNCLI(config_args, run=False)
         model, data = cli.model, cli.datamodule
-        if args.ckpt:
-            if not Path(args.ckpt).is_file():
-                raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-            model.load_state_dict(torch.load(args.ckpt, map_location="cpu",
-                                             weights_only=False)["state_dict"])
+        if state is not None:
+            check_fits(state, model, args.ckpt)
+            model.load_state_dict(state)
         data.setup("validate")
         x, y = next(iter(data.val_dataloader()))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"pcn_ep: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, argparse.ArgumentError) as err:
+        print("pcn_ep: error: energy: " + " ".join(str(err).split()), file=sys.stderr)
         return 1
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     x, y = data.on_after_batch_transfer((x[: args.images], y[: args.images]), 0)
     network = model.network.to(args.device)
     hp = model.hparams
@@ -87,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
               "images": len(y), "checkpoint": args.ckpt, "curves": curves,
               "delta_F": {name: c["mean"][min(hp.K, args.K_max)] - c["mean"][0]
                           for name, c in curves.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for name, delta in result["delta_F"].items():
         print(f"{name:<10} F(0) {curves[name]['mean'][0]:.4g}  F(K={hp.K}) "

@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import Tensor
 
+from ..argtypes import classes, nonneg_float, positive_float, positive_int, real, seed, unit_float
 from ..commandline import CommandParser
 from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES, Dynamics,
                     EquilibriumPropagation, gradient_fidelity)
@@ -45,10 +46,10 @@ def build_network(args: argparse.Namespace) -> PCN:
 def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None:
     """The flags that pick a network (shared by ``gradcheck`` and ``bench``)."""
     p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5")
-    p.add_argument("--width-mult", type=float, default=width_mult)
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--width-mult", type=positive_float, default=width_mult)
+    p.add_argument("--input-size", type=positive_int, default=32)
+    p.add_argument("--in-channels", type=positive_int, default=3)
+    p.add_argument("--num-classes", type=classes, default=10)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,11 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cost", choices=["ce", "mse"], default="ce")
     p.add_argument("--perturbation", choices=PERTURBATIONS, default="nudge")
     p.add_argument("--scheme", choices=SCHEMES, default="centered")
-    p.add_argument("--beta", type=float, default=1e-3)
-    p.add_argument("--K", type=int, default=None, help="nudge iterations (default: number of layers)")
+    p.add_argument("--beta", type=positive_float, default=1e-3)
+    p.add_argument("--K", type=positive_int, default=None,
+                   help="nudge iterations (default: number of layers)")
     p.add_argument("--rule", choices=RULES, default="mod-pgd")
     p.add_argument("--order", choices=ORDERS, default="async")
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=unit_float, default=1.0)
     p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
                    help="max-pool routing in the nudged phase: free (the free phase's winners "
                         "kept, as backprop) or nudged (each window's max recomputed); they differ "
@@ -78,12 +80,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="the data set's folder, as data.init_args.root in training")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--min-cosine", type=real, default=MIN_COSINE,
                    help="fail (exit 1) if a tensor's cosine is below this; the default is met by "
                         "float64 centered EP on the default network (default: %(default)s)")
-    p.add_argument("--max-rel-err", type=float, default=MAX_REL_ERR,
+    p.add_argument("--max-rel-err", type=nonneg_float, default=MAX_REL_ERR,
                    help="fail (exit 1) if a tensor's relative error is above this; the default is "
                         "met by float64 centered EP on the default network (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -150,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     try:
-        if not 0 < args.batch_size:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         data = load_data(args)
         network = build_network(args).to(dtype)
         K = args.K if args.K is not None else network.depth
