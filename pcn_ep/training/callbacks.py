@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path) -> dict:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused a global, or not a pickle at all
         first = str(err).splitlines()[0] if str(err) else ""
-        if "Weights only load failed" in str(err):
+        if "GLOBAL" in str(err) or "Unsupported global" in str(err):  # a class or function asked for
             refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line
                        or "GLOBAL" in line]
             raise CheckpointError(
