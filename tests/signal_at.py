@@ -10,20 +10,25 @@ from lightning.pytorch.callbacks import Callback
 class SignalAt(Callback):
     """Send ``signal`` (``times`` times) to this process ``at``: ``setup``, ``sanity`` (the sanity
     check), ``train`` (in training step ``step``), ``fit_validation`` (the validation inside fit,
-    epoch ``step``), ``validate`` or ``test`` (their first batch)."""
+    epoch ``step``), ``validate`` or ``test`` (their first batch); under DDP on every rank, or on
+    ``rank`` only."""
 
-    def __init__(self, signal: str, at: str, step: int = 0, times: int = 1) -> None:
+    def __init__(self, signal: str, at: str, step: int = 0, times: int = 1,
+                 rank: int | None = None) -> None:
         self.signum, self.at, self.step, self.times = getattr(signals, signal), at, step, times
-        self.sent = False
+        self.rank, self.sent = rank, False
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+        self._send("setup")
 
     def _send(self, at: str) -> None:
+        if self.rank is not None and self._trainer.global_rank != self.rank:
+            return
         if at == self.at and not self.sent:
             self.sent = True
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
-
-    def setup(self, trainer, pl_module, stage):
-        self._send("setup")
 
     def on_sanity_check_start(self, trainer, pl_module):
         self._send("sanity")

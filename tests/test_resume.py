@@ -103,3 +103,36 @@ def test_an_imagefolder_run_with_workers_resumes_bitwise(tmp_path, capsys, step)
         assert main(["fit", "--config", str(imagefolder_config(parts, root)), "--ckpt_path", "last"]) == 0
     assert not [w for w in caught if "not resumable" in str(w.message)]
     assert final_state(whole)[0] == 18 and same(final_state(parts), final_state(whole))
+
+
+def test_a_ddp_run_resumes_bitwise_on_every_rank(tmp_path):
+    """2 gloo processes, the signal to rank 1 only: both ranks stop after the same step, and the
+    resumed run ends where the unstopped one does (each rank's shard position and signs)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+
+    def fit(folder, *extra, signal=None):
+        path = config(folder, signal, "train", 10)  # in epoch 1: the order of a later epoch
+        cfg = yaml.safe_load(path.read_text())
+        cfg["trainer"].update(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2)
+        if signal:
+            cfg["trainer"]["callbacks"][-1]["init_args"]["rank"] = 1
+        path.write_text(yaml.safe_dump(cfg))
+        return subprocess.run([sys.executable, "-m", "pcn_ep", "fit", "--config", str(path), *extra],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    assert fit(whole).returncode == 0
+    stopped = fit(parts, signal="SIGTERM")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert final_state(parts)[0] == 11
+    resumed = fit(parts, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr
+    a, b = final_state(whole), final_state(parts)
+    assert a[0] == 16 and len(a[3]) == 2 and same(a, b)

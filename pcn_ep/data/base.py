@@ -10,7 +10,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -48,21 +49,34 @@ def check_split(split: str, x: Tensor, y: Tensor, num_classes: int, source: str)
                             f"infinity; {len(bad)} such examples)")
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order that depends only on (seed, epoch), and that knows where it is in it.
+class EpochShuffle(DistributedSampler):
+    """A random order that depends only on (seed, epoch), shared by the DDP ranks, each reading its
+    own shard, and that knows where it is in it.
 
     Lightning calls ``set_epoch`` at the start of every epoch; torch's ``RandomSampler`` would
     instead draw from the global RNG, whose state a checkpoint does not restore. The position
-    (``state_dict``: the epoch and how many indices it has yielded) travels in the checkpoint
-    through torchdata's ``StatefulDataLoader``, so a run stopped after any step resumes with the
-    next example of the same order. ``with_epoch``: yield (epoch, index) pairs, for
-    ``SeededAugmentation``.
+    (``state_dict``: the epoch and how many indices this rank has yielded, the same on every rank)
+    travels in the checkpoint through torchdata's ``StatefulDataLoader``, so a run stopped after
+    any step resumes with the next example of the same order, on every rank.
+
+    Under DDP (a process group exists when the loader iterates) rank r of R reads positions r,
+    r + R, ... of the order, padded with its first examples to a multiple of R, as torch's
+    ``DistributedSampler`` does; being one, it is not wrapped in another by Lightning.
+    ``with_epoch``: yield (epoch, index) pairs, for ``SeededAugmentation``.
     """
 
     def __init__(self, size: int, seed: int, with_epoch: bool = False) -> None:
+        # DistributedSampler's own __init__ wants a process group at construction: not needed,
+        # the shard is read from the group at iteration time
         self.size, self.seed, self.epoch, self.with_epoch = size, seed, 0, with_epoch
         self.yielded = 0
         self._resume: dict[str, int] | None = None
+
+    @staticmethod
+    def _ranks() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -74,13 +88,15 @@ class EpochShuffle(Sampler[int]):
         start = resume["yielded"] if resume and resume["epoch"] == self.epoch else 0
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
             self.seed * 100_003 + self.epoch)).tolist()
+        rank, ranks = self._ranks()
+        order = (order * ranks)[:len(self) * ranks][rank::ranks]
         self.yielded = start
         for index in order[start:]:
             self.yielded += 1
             yield (self.epoch, index) if self.with_epoch else index
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self._ranks()[1])
 
     def state_dict(self) -> dict[str, int]:
         return {"sampler": "EpochShuffle", "epoch": self.epoch, "yielded": self.yielded}
