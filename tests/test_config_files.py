@@ -102,3 +102,21 @@ def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(path)]) == 1
     assert f"{tmp_path / 'run'} is a file, not a folder" in one_line(capsys)
+
+
+def test_an_unforeseen_error_in_any_command_is_one_line(monkeypatch, capsys):
+    """What no check foresaw still ends in one line naming the command, the error and where."""
+    import pcn_ep.__main__ as entry
+    from pcn_ep.tools import bench
+
+    def broken(argv):
+        raise KeyError("pytorch-lightning_version")
+
+    monkeypatch.setattr(bench, "main", broken)
+    assert entry.main(["bench"]) == 1
+    line = one_line(capsys)
+    assert line.startswith("pcn_ep: error: bench: unexpected KeyError: 'pytorch-lightning_version' (at ")
+    assert "PCN_EP_TRACEBACK=1" in line
+    monkeypatch.setenv("PCN_EP_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        entry.main(["bench"])
