@@ -11,12 +11,12 @@ class SignalAt(Callback):
     """Send ``signal`` (``times`` times) to this process ``at``: ``setup``, ``sanity`` (the sanity
     check), ``train`` (in training step ``step``), ``fit_validation`` (the validation inside fit,
     epoch ``step``), ``validate`` or ``test`` (their first batch); under DDP on every rank, or on
-    ``rank`` only."""
+    ``rank`` only; then create the file ``marker``, if given."""
 
     def __init__(self, signal: str, at: str, step: int = 0, times: int = 1,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, marker: str | None = None) -> None:
         self.signum, self.at, self.step, self.times = getattr(signals, signal), at, step, times
-        self.rank, self.sent = rank, False
+        self.rank, self.marker, self.sent = rank, marker, False
 
     def setup(self, trainer, pl_module, stage):
         self._trainer = trainer
@@ -29,6 +29,8 @@ class SignalAt(Callback):
             self.sent = True
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+            if self.marker:  # a state another process can wait for
+                open(self.marker, "w").close()
 
     def on_sanity_check_start(self, trainer, pl_module):
         self._send("sanity")

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -128,17 +129,26 @@ def test_a_relaxation_that_runs_away_is_divergence(tmp_path, capsys):
 
 
 # -- 3, 4, 5: signals, on one process and under DDP ---------------------------------------------
-def test_sigterm_on_a_huge_K_stops_within_one_nudge_iteration(tmp_path):
+def test_a_second_signal_stops_a_huge_K_step_at_once(tmp_path):
+    """The first signal lets the step end (so that the resume is exact); a step that would never
+    end (K = 10^9) is stopped by a second signal, at once, with one line saying what is on disk."""
     path, cfg = tiny_config(tmp_path, K=10**9)
     cfg["trainer"]["max_epochs"] = 1
-    proc = start(write(path, cfg))
-    wait_for_training(proc, tmp_path)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)  # the step itself would never end
+    marker = tmp_path / "first-signal-sent"
+    cfg["trainer"]["callbacks"].insert(0, {"class_path": "signal_at.SignalAt", "init_args": {
+        "signal": "SIGTERM", "at": "train", "step": 0, "marker": str(marker)}})
+    proc = start(write(path, cfg), env={"PYTHONPATH": str(Path(__file__).parent)})
+    deadline = time.time() + 300  # a bound for a broken run, not a timing the test relies on
+    while not marker.exists():  # step 0 begins with the first signal pending
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "step 0 never began"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # lands inside the endless nudged phase
+    _, err = proc.communicate(timeout=120)  # the step itself would never end
     assert proc.returncode == 143, err
-    # the interrupted step was not taken, so nothing was trained and nothing needs saving
-    assert "stopped by SIGTERM before training step 0: no checkpoint on disk" in err.splitlines()[-1]
+    line = err.splitlines()[-1]
+    assert line.startswith("pcn_ep: stopped at once by a second signal (SIGTERM; the first was SIGTERM)")
+    assert line.endswith("no checkpoint on disk") and "Traceback" not in err
     assert not tmp_path.joinpath(*CKPT).exists()
 
 
@@ -284,15 +294,29 @@ def test_resuming_with_another_algorithm_or_beta_warns_once(tmp_path, capsys):
 
 # -- 8, 9: one writer per run folder, leftovers cleared, full disk -----------------------------
 def test_a_second_run_in_the_same_folder_fails_naming_the_first(tmp_path):
-    path, _ = slow_config(tmp_path)
-    first = start(path)
-    wait_for_training(first, tmp_path)
+    """The first run trains until it is stopped (1000 epochs), and the second starts once the
+    first holds the folder's lock (the lock file names its PID): states, not seconds, so a busy
+    machine cannot let the first finish before the second starts (the finding: exit 0)."""
+    path, cfg = slow_config(tmp_path)
+    cfg["trainer"]["max_epochs"] = 1000
+    first = start(write(path, cfg))
+    wait_for_lock(first, tmp_path / "checkpoints" / ".lock")
     second = start(path)
-    _, err = second.communicate(timeout=120)
+    _, err = second.communicate(timeout=600)
     assert second.returncode == 1 and f"PID {first.pid}" in one_error_line(err), err
     first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
+    first.communicate(timeout=600)
     assert first.returncode == 143
+
+
+def wait_for_lock(proc, lock, guard_s=600):
+    """Until ``proc`` holds the run folder's lock: it writes its PID into the lock file once its
+    flock is taken. ``guard_s`` only keeps a broken run from hanging the suite."""
+    deadline = time.monotonic() + guard_s
+    while not (lock.is_file() and lock.read_text().strip() == str(proc.pid)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{proc.pid} never took {lock}"
+        time.sleep(0.05)
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):

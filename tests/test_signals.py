@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
     ("SIGHUP", "sanity", "before training started: no checkpoint on disk", None),
     ("SIGUSR1", "train", "after saving", 4),  # during step 3: the step ends, then the save
     ("SIGINT", "train", "after saving", 4),
-    ("SIGINT", "fit_validation", "before training step 8", 8),  # the epoch's validation finishes
+    ("SIGINT", "fit_validation", "after saving", 9),  # the validation ends, then one more step
 ])
 def test_a_signal_during_fit_stops_it_saying_what_is_on_disk(tmp_path, capsys, signal, at, says,
                                                              step_saved):

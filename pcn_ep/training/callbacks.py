@@ -175,9 +175,6 @@ class StopRequest:
 
     signum: int = 0
 
-    def __call__(self) -> bool:
-        return self.signum != 0
-
 
 STOP = StopRequest()
 # SIGTERM: a scheduler or kill; SIGUSR1: SLURM's warning before a time limit (--signal=SIGUSR1@120);
@@ -296,8 +293,8 @@ class Preemption(Callback):
         if signum == signal.SIGUSR1 and trainer.is_global_zero:
             requeue = requeue_slurm_job()
         raise Preempted(signum, f"after saving {path} (epoch {trainer.current_epoch}, step "
-                                f"{trainer.global_step}); resume with the same command and "
-                                "--ckpt_path last", requeue)
+                                f"{trainer.global_step}); the same command with --ckpt_path last "
+                                "continues from the next batch, as if never stopped", requeue)
 
     def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
