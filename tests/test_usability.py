@@ -115,7 +115,7 @@ def test_the_readme_imagefolder_recipe_trains_with_three_overrides(tmp_path, mon
                  *QUICK])
     assert code == 0, capsys.readouterr().err
     run = tmp_path / "runs" / "imagefolder" / "seed0"
-    saved = yaml.safe_load(next(run.glob("csv/version_0/config.yaml")).read_text())
+    saved = yaml.safe_load((run / "csv" / "config.yaml").read_text())  # one history: no version_N
     assert saved["model"]["network"]["class_path"] == f"pcn_ep.core.{network}"
     net = saved["model"]["network"]["init_args"]
     assert (net["num_classes"], net["in_channels"], net["input_size"]) == (3, 1 if gray else 3, 32)
@@ -166,7 +166,7 @@ def test_a_run_prints_no_known_harmless_noise_and_one_training_error_column(tmp_
     assert [l for l in out.splitlines() if any(n in l for n in NOISE)] == []
     assert "pcn_ep: done." in out and "W&B run folder: " in out
     run = tmp_path / "runs" / "quickstart" / "seed0"  # relative to where the command ran
-    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run / "csv" / "metrics.csv") as f:  # pcn_ep's CSVLogger: one file per run folder
         header = next(csv.reader(f))
     assert "train/error" in header and not [h for h in header if h != "train/error" and "error" in h
                                             and h.startswith("train")]

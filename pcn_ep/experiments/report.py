@@ -2,14 +2,16 @@
 
 Reads the runs of one results root RESULTS_DIR: the local records ``reproduce`` writes (``run.json``
 with ``metrics.csv`` or ``energy.json``) and W&B run folders (``wandb/offline-run-*`` or ``run-*``;
-the table is the run's group, the cell and seed its config). A folder inside it that is a results
-root of its own (it holds ``reproduce``'s marker, e.g. ``results/smoke/``) is not read, and smoke
-and real runs are never reported together: a root with real runs reports those only (the smoke
-runs are counted and left out), a root of smoke runs only gives a smoke report, marked as such in
-every Markdown file and figure. A run's status is its own exit as ``run.json`` records it (or a
-status the CLI wrote into the W&B summary); a W&B folder alone with logger exit code 0 is
-``unknown``, never ``ok``, and only ``ok`` runs (and diverged ones, as NaN) give numbers.
-For each table it writes
+the table is the run's group, the cell and seed its config). A run stopped and resumed is one run:
+its CSV history is one file, and the W&B folders of one run id (one per command) are read as one
+run, in order of start time (``pcn_ep.training.loggers`` says where a run's history goes). A
+folder inside RESULTS_DIR that is a results root of its own (it holds ``reproduce``'s marker, e.g.
+``results/smoke/``) is not read, and smoke and real runs are never reported together: a root
+with real runs reports those only (the smoke runs are counted and left out), a root of smoke runs
+only gives a smoke report, marked as such in every Markdown file and figure. A run's status is
+its own exit as ``run.json`` records it (or a status the CLI wrote into the W&B summary); a W&B
+folder alone with logger exit code 0 is ``unknown``, never ``ok``, and only ``ok`` runs (and
+diverged ones, as NaN) give numbers. For each table it writes
 ``OUT_DIR/TABLE.md`` (mean ± std over seeds of the final test error in %, the paper's numbers from
 ``pcn_ep/experiments/paper_results.yaml`` in the next columns, the paper's claims below) and its figure
 ``OUT_DIR/TABLE.png``: a β×K heat map (Fig. 2), scheme bars (Fig. 1), F-vs-K curves (Fig. 8),
@@ -213,6 +215,19 @@ def _energy_ok(e) -> bool:
                 for name, c in e["curves"].items()))
 
 
+def metrics_files(folder: Path) -> list[Path]:
+    """A run folder's CSV history: ``metrics.csv`` beside ``run.json`` (``reproduce``), else
+    ``csv/metrics.csv`` (pcn_ep's ``CSVLogger`` as the configs name it: one file, however often the
+    run was resumed), else the ``csv/version_N/metrics.csv`` of Lightning's own logger (a version
+    per command), read in order as one history."""
+    for path in (folder / "metrics.csv", folder / "csv" / "metrics.csv"):
+        if path.exists() or path.is_symlink():
+            return [path]
+    versions = {p: p.parent.name.removeprefix("version_") for p in
+                folder.glob("csv/version_*/metrics.csv")}
+    return sorted((p for p, v in versions.items() if v.isdigit()), key=lambda p: int(versions[p]))
+
+
 def read_record(path: Path) -> Run:
     """A ``run.json`` written by ``reproduce`` and the metrics beside it; ``Unreadable`` (or the
     ``READ_ERRORS`` of reading) when they cannot be read as a run."""
@@ -224,9 +239,9 @@ def read_record(path: Path) -> Run:
         raise Unreadable(f"no {', '.join(missing)}")
     run = checked(Run(record["table"], record["cell"], record["seed"], record["status"],
                       record.get("smoke", False)))
-    metrics, energy = path.parent / "metrics.csv", path.parent / "energy.json"
+    energy = path.parent / "energy.json"
     curves: dict = {}
-    if metrics.exists():
+    for metrics in metrics_files(path.parent):
         if not metrics.is_file():
             raise Unreadable(f"{metrics} is not a regular file")
         with open(metrics, encoding="utf-8", newline="") as f:
@@ -284,45 +299,87 @@ def read_wandb_run(folder: Path, file: Path | None = None, warn=warn) -> Run | N
     """A W&B run folder (offline or synced): group = table, config.cell / config.seed = the cell.
     A file that breaks off is read up to there (one warning); ``Unreadable`` when not even the
     run's own record could be read."""
-    files_ = [file] if file else sorted(folder.glob("run-*.wandb"))
-    if not files_:
-        return None
-    run, curves, exit_code, status = None, {}, None, None
+    files_ = [file] if file else sorted(folder.glob("run-*.wandb"))[:1]
+    return read_wandb_parts(files_, warn) if files_ else None
+
+
+EVALUATION_STATUSES = ("run/validate_status", "run/test_status")   # a separate validate / test
+
+
+def _read_wandb_part(file: Path, warn=warn) -> dict | None:
+    """One ``.wandb`` file, one command's part of a W&B run: its run (``None``: not a run of a
+    reproduce table), start time, history rows, exit code, the status the CLI wrote, and whether
+    it was a separate ``validate``/``test`` (it writes ``run/test_status``, not ``run/status``)."""
+    part = {"file": file, "run": None, "start": 0, "rows": [], "exit": None, "status": None,
+            "evaluation": False}
+    scratch: tuple[dict, dict] = ({}, {})   # each row is checked as it is read
     try:
-        for record in _wandb_records(files_[0]):
+        for record in _wandb_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
                 if "cell" not in config:
                     return None  # not a run of a reproduce table
-                run = checked(Run(record.run.run_group, config["cell"], config.get("seed", 0),
-                                  "running", config.get("smoke", False)))
-                status = _summary_status(record.run.summary.update) or status
-            elif kind == "history" and run is not None:
+                part["run"] = checked(Run(record.run.run_group, config["cell"],
+                                          config.get("seed", 0), "running",
+                                          config.get("smoke", False)))
+                part["start"] = record.run.start_time.ToNanoseconds()
+                part["status"] = _summary_status(record.run.summary.update) or part["status"]
+            elif kind == "history" and part["run"] is not None:
                 row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                        for i in record.history.item}
-                _add(curves, run.final, row, _epoch(row["epoch"]) if "epoch" in row else None)
+                _add(*scratch, row, _epoch(row["epoch"]) if "epoch" in row else None)
+                part["rows"].append(row)
             elif kind == "summary":
-                status = _summary_status(record.summary.update) or status
+                part["status"] = _summary_status(record.summary.update) or part["status"]
+                part["evaluation"] |= any((i.key or "/".join(i.nested_key)) in EVALUATION_STATUSES
+                                          for i in record.summary.update)
             elif kind == "exit":
-                exit_code = record.exit.exit_code
+                part["exit"] = record.exit.exit_code
     except (ValueError, RecursionError) as err:
-        if run is None:
+        if part["run"] is None:
             raise
-        warn(f"{files_[0]}: {_why(err)}; read up to there")
-    if run is None:
+        warn(f"{file}: {_why(err)}; read up to there")
+    return part if part["run"] is not None else None
+
+
+def read_wandb_parts(files: list[Path], warn=warn) -> Run | None:
+    """One W&B run from the files of its parts (one ``.wandb`` file per command: a run stopped and
+    resumed N times is N+1 folders ``offline-run-TIME-ID`` of one id): their history in order of
+    start time, its status that of the last ``fit`` part (a separate ``validate``/``test`` does
+    not change it), as ``wandb sync`` makes them one W&B run. A part that cannot be read (a killed
+    command's file, cut before W&B wrote its first records) is one warning; the others are read."""
+    parts = []
+    for file in files:
+        try:
+            part = _read_wandb_part(file, warn)
+        except READ_ERRORS as err:
+            if len(files) == 1:
+                raise
+            warn(f"{file}: {_why(err)}; this part of the run left out")
+            continue
+        if part is not None:
+            parts.append(part)
+    if not parts:
         return None
-    run.status = wandb_status(exit_code, status)
+    parts.sort(key=lambda p: (p["start"], str(p["file"])))
+    run, curves = parts[0]["run"], {}
+    for part in parts:
+        for row in part["rows"]:
+            _add(curves, run.final, row, _epoch(row["epoch"]) if "epoch" in row else None)
+    last = next((p for p in reversed(parts) if not p["evaluation"]), parts[-1])
+    run.status = wandb_status(last["exit"], last["status"])
     run.curves = _mean_curves(curves)
     return run
 
 
 def _summary_status(items) -> str | None:
-    """A status the CLI wrote into the W&B summary (``status`` or ``run/status``)."""
+    """A status the CLI wrote into the W&B summary (``status`` or ``run/status``): ``stopped`` too
+    (by a signal, to be resumed: a later part of the run says how it went on)."""
     for item in items:
         if (item.key or "/".join(item.nested_key)) in ("status", "run/status"):
             value = json.loads(item.value_json)
-            if value in STATUSES:
+            if value in STATUSES + ("stopped",):
                 return value
     return None
 
@@ -361,12 +418,15 @@ def read_runs(results: Path, warn=warn) -> list[Run]:
     records = [p for p in sorted(results.rglob("run.json")) if own(p)]
     runs = [read(p, lambda: read_record(p)) for p in records]
     recorded = {p.parent for p in records}
+    parts = defaultdict(list)   # one W&B run: the files run-ID.wandb of one id in one wandb/ folder
     for wandb_file in sorted(results.rglob("run-*.wandb")):
         folder = wandb_file.parent
         if (not own(folder) or any(parent in recorded for parent in folder.parents)
-                or wandb_file != min(folder.glob("run-*.wandb"))):   # one run per folder
+                or wandb_file != min(folder.glob("run-*.wandb"))):   # one file per part's folder
             continue
-        runs.append(read(wandb_file, lambda: read_wandb_run(folder, wandb_file, warn)))
+        parts[(folder.parent, wandb_file.name)].append(wandb_file)
+    for files_ in parts.values():
+        runs.append(read(files_[0], lambda: read_wandb_parts(files_, warn)))
     return [r for r in runs if r is not None]
 
 

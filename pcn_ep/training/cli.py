@@ -40,6 +40,7 @@ from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, Mo
                         RunFolderBusy, StopNow, checkpoint_folder, exit_code, last_checkpoint_path, on_disk, load_checkpoint,
                         model_checkpoints, on_signal)
 from .loggers import WandbLogger as PCNWandbLogger
+from .loggers import bind_loggers
 from .module import PCNEPModule
 
 PROG = "python -m pcn_ep"
@@ -112,12 +113,14 @@ class PCNCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, PCNWandbLogger):
                 logger.run_config = resolved  # logged with the hyperparameters at fit start
+        bind_loggers(self.trainer, "fit")  # one history per run folder (loggers.py's rules)
 
     def before_validate(self) -> None:
         limit = f"limit_{'test' if self.subcommand == 'test' else 'val'}_batches"
         if getattr(self.trainer, limit) == 0:
             raise ValueError(f"trainer.{limit} is 0: nothing would be evaluated")
         self.resolve_checkpoint(resume=False)
+        bind_loggers(self.trainer, self.subcommand)  # logs into the run folder's history
 
     before_test = before_validate
 
@@ -215,7 +218,9 @@ def print_summary(trainer: L.Trainer) -> None:
         if isinstance(logger, CSVLogger):
             lines.append(f"metrics (CSV): {(Path(logger.log_dir) / 'metrics.csv').resolve()}")
         elif isinstance(logger, WandbLogger) and logger._experiment is not None:
-            lines.append(f"W&B run folder: {Path(logger.experiment.dir).parent.resolve()}")
+            # a resumed run's W&B run is the same (its id); this command's part is a new folder
+            lines.append(f"W&B run folder: {Path(logger.experiment.dir).parent.resolve()} "
+                         f"(W&B run {logger.experiment.id})")
             if not logger._offline:
                 lines.append(f"W&B run: {logger.experiment.url}")
     if lines:
