@@ -455,6 +455,7 @@ def quiet_known_noise() -> None:
     """Silence the harmless messages Lightning prints on every run with this torch."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11, each loader
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropNotices) for f in logger.filters):
         logger.addFilter(_DropNotices())
