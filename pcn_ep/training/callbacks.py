@@ -15,11 +15,12 @@
   cut short, so the resume continues exactly where an unstopped run would; a second signal stops
   at once (``StopNow``). Outside training (setup, evaluation) the stop is immediate, as there is
   nothing to save.
-- ``RunFolderLock``: one process per checkpoint folder (an ``flock`` the OS drops when the holder
+- ``RunFolderLock``: one process per checkpoint folder (a POSIX ``lockf`` the OS drops when the holder
   dies, so a dead run's lock is taken over); it also clears partial files a killed save left.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -331,8 +332,12 @@ class RunFolderLock(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / ".lock", "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # lockf, not flock: a process's POSIX lock is not shared with the data loader workers it
+            # forks, so a stopped run's folder is free as soon as the run has ended
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
@@ -352,7 +357,7 @@ class RunFolderLock(Callback):
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing drops the flock
+            self._file.close()  # closing drops the lock
             self._file = None
 
 
