@@ -21,6 +21,7 @@ rank reads 1/N of every epoch.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -150,15 +151,17 @@ class ImageNetDataModule(L.LightningDataModule):
         image = [decoder] + ([RandomHorizontalFlip()] if train else []) + [ToTensor(),
                                                                            ToTorchImage()]
         try:
-            return Loader(
+            loader = Loader(
                 str(path), batch_size=self.batch_size, num_workers=self.num_workers,
-                order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                # training: FFCV's RANDOM order, resumable (ResumableFFCVLoader, below)
+                order=_resumable_random()() if train else OrderOption.SEQUENTIAL,
                 drop_last=train and self.drop_last, os_cache=self.os_cache,
                 distributed=self._distributed, seed=self.seed,
                 pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
             )
         except Exception as err:  # FFCV reports a corrupt header as assorted low-level errors
             raise DataError(f"cannot read FFCV file {path}: {type(err).__name__}: {err}") from err
+        return ResumableFFCVLoader(loader) if train else loader
 
     def _folder_loader(self, path: Path, train: bool) -> DataLoader:
         from torchvision.transforms import v2
@@ -206,6 +209,101 @@ class ImageNetDataModule(L.LightningDataModule):
             x = random_crops(x, (self.image_size, self.image_size),
                              step_generator(self.seed, trainer))
         return normalize(x, *((MEAN, STD) if self.channels == 3 else GRAY)), y.long().view(-1)
+
+
+# -- FFCV: a training loader that resumes where it stopped ----------------------------------------
+# FFCV's Loader has no state to save, and a new one starts at its epoch 0: a resumed run would see
+# epoch 0's order again, from its first batch. Here the order is FFCV's RANDOM one, a function of
+# (seed, epoch) (under DDP this rank's shard of it, as torch's DistributedSampler pads and deals
+# it), and the loader keeps its position as EpochShuffle does, {"sampler": "EpochShuffle", "epoch",
+# "yielded"} (``finish_epoch`` moves it to the next epoch's start), which Lightning saves in
+# checkpoints: a resumed epoch skips the examples already yielded in the order itself, without
+# decoding them. FFCV's random crops and flips are not seeded: a resume gives the same examples in
+# the same batches, not bitwise the same pixels.
+
+@functools.cache
+def _resumable_random():
+    """The class of FFCV's RANDOM order with a resume point (defined on first use: FFCV is an
+    optional dependency)."""
+    from ffcv.traversal_order import Random
+
+    class ResumableRandom(Random):
+        """FFCV's RANDOM order of Lightning's epoch (``set_epoch``), less its first ``skip``
+        examples (this rank's, under DDP). FFCV 1.0.2's ``Loader(order=...)`` takes a
+        TraversalOrder instance and calls it with the loader: ``ResumableRandom()`` (no loader)
+        is that factory; called, it returns the order bound to the loader."""
+
+        def __init__(self, loader=None) -> None:
+            self.epoch, self.skip = 0, 0
+            if loader is not None:
+                super().__init__(loader)
+
+        def __call__(self, loader) -> "ResumableRandom":
+            return type(self)(loader)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def sample_order(self, epoch: int):
+            order = super().sample_order(epoch)
+            if self.skip:  # drop_last's cut first (FFCV cuts after this), so the batches line up
+                loader = self.loader
+                whole = len(order) - (len(order) % loader.batch_size if loader.drop_last else 0)
+                order = order[:whole][self.skip:]
+            return order
+
+    return ResumableRandom
+
+
+class ResumableFFCVLoader:
+    """An FFCV training ``Loader`` (with a ``ResumableRandom`` order) that Lightning can save and
+    resume: ``state_dict`` / ``load_state_dict`` hold the epoch and the examples yielded in it
+    (per rank: under DDP every rank has yielded as many, and each skips that many of its own
+    shard). ``sampler`` is the order, whose ``set_epoch`` Lightning calls at every epoch's start;
+    ``len`` is the whole epoch's batch count, as Lightning counts a resumed epoch's batches from
+    the saved position."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.sampler = loader, loader.traversal_order
+        self.batch_size = loader.batch_size
+        # the examples of one epoch (this rank's): FFCV's order less drop_last's cut
+        self.examples = min(len(loader.first_traversal_order), len(loader) * loader.batch_size)
+        self._position = (0, 0)  # (epoch, examples yielded in it)
+        self._resume: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        # a generator: FFCV draws the order at the first batch, after Lightning's set_epoch
+        # (Lightning calls iter() before it); a saved position applies only to its own epoch
+        resume, self._resume = self._resume, None
+        order, epoch = self.sampler, self.sampler.epoch
+        yielded = resume["yielded"] if resume and resume["epoch"] == epoch else 0
+        self._position = (epoch, yielded)
+        if yielded >= self.examples:
+            return  # saved at the epoch's end: nothing is left of it
+        self.loader.next_epoch, order.skip = epoch, yielded  # FFCV counts epochs from 0 per Loader
+        try:
+            batches = iter(self.loader)  # FFCV calls order.sample_order(epoch) here
+        finally:
+            order.skip = 0
+        try:
+            for batch in batches:
+                yielded += len(batch[0])
+                self._position = (epoch, yielded)
+                yield batch
+        finally:  # an epoch left early (a stop, limit_train_batches) ends FFCV's reading thread
+            batches.close()
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, yielded = self._position
+        return {"sampler": "EpochShuffle", "epoch": self.sampler.epoch,
+                "yielded": yielded if epoch == self.sampler.epoch else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self._position, self._resume = (state["epoch"], state["yielded"]), dict(state)
 
 
 # -- ImageFolder trees -----------------------------------------------------------------------------
