@@ -1,4 +1,6 @@
 """Image data: write-ffcv, the FFCV and ImageFolder backends, the in-memory data sets' formats."""
+import gc
+
 import pytest
 import torch
 
@@ -6,6 +8,15 @@ from images import cifar, image_folder, imagenet32, mnist
 from pcn_ep.data import ImageDataModule, ImageNetDataModule
 from pcn_ep.data.write_ffcv import main as write_ffcv_cli
 from pcn_ep.data.write_ffcv import write_ffcv
+
+
+@pytest.fixture(autouse=True)
+def collect_dead_ffcv_loaders():
+    """FFCV loaders collected later, in the middle of pytest parsing another file, make numba's
+    finalizer raise a harmless KeyError that pytest then fails to format (SystemError: AST
+    constructor recursion depth mismatch): collect them while this test's module is current."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
