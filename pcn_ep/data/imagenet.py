@@ -182,8 +182,8 @@ class ImageNetDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size, **workers)
         # The order is a function of (seed, epoch) and its position travels in checkpoints; each
         # example's augmentation of (seed, epoch, index): a resume continues bitwise (one process).
-        # Under DDP Lightning wraps the sampler in a DistributedSampler, which pads the last
-        # rank's share with repeated examples so that every rank gets the same number of batches.
+        # Under DDP the sampler reads this rank's shard, padded with repeated examples so that
+        # every rank gets the same number of batches, as torch's DistributedSampler does.
         return StatefulDataLoader(SeededAugmentation(dataset, self.seed), batch_size=self.batch_size,
                                   sampler=EpochShuffle(len(dataset), self.seed, with_epoch=True),
                                   drop_last=self.drop_last, **workers)
