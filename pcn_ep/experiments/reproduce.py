@@ -106,8 +106,9 @@ def run_overlay(table: Table, cell: Cell, seed: int, run_dir: Path, project: str
     return {"trainer": {
         "default_root_dir": run,
         "logger": [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger",
-             "init_args": {"save_dir": run, "name": "", "version": ""}},
+            # pcn_ep's CSVLogger appends across resumes (Lightning's deletes the earlier rows)
+            {"class_path": "pcn_ep.training.loggers.CSVLogger",
+             "init_args": {"save_dir": run, "name": ""}},
             {"class_path": "pcn_ep.training.loggers.WandbLogger",
              "init_args": {"project": project, "group": table.name, "tags": tags,
                            "name": f"{cell.name}/seed={seed}", "save_dir": run,
