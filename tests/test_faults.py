@@ -68,6 +68,15 @@ def slow_config(tmp_path, **cfg_trainer):
     return write(path, cfg), cfg
 
 
+TESTS_ON_PATH = {"PYTHONPATH": str(Path(__file__).parent)}  # signal_at.SignalAt for the runs
+
+
+def signal_itself(cfg, signal_name, step, rank=None):
+    """The run signals itself (``signal_at.SignalAt``) at training step ``step`` (on ``rank``)."""
+    cfg["trainer"]["callbacks"].append({"class_path": "signal_at.SignalAt", "init_args": {
+        "signal": signal_name, "at": "train", "step": step, "rank": rank}})
+
+
 def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if "error:" in line.lower()]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -166,13 +175,12 @@ def fake_slurm(tmp_path):
 
 @pytest.mark.parametrize("slurm", [False, True], ids=["plain", "slurm"])
 def test_sigusr1_saves_last_ckpt_and_requeues_under_slurm(tmp_path, slurm):
-    path, _ = slow_config(tmp_path)
+    path, cfg = slow_config(tmp_path)
+    signal_itself(cfg, "SIGUSR1", step=10)  # a known step: no timing, even on a busy machine
+    write(path, cfg)
     env, log = fake_slurm(tmp_path) if slurm else ({}, None)
-    proc = start(path, env=env)
-    wait_for_training(proc, tmp_path)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=120)
+    proc = start(path, env={**env, **TESTS_ON_PATH})
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     assert "stopped by SIGUSR1 after saving" in err.splitlines()[-1], err
     assert load(tmp_path.joinpath(*CKPT))["epoch"] < 2
@@ -180,7 +188,7 @@ def test_sigusr1_saves_last_ckpt_and_requeues_under_slurm(tmp_path, slurm):
     if slurm:
         assert log.read_text().split() == ["requeue", "4242"]
         assert "SLURM job 4242 requeued" in err.splitlines()[-1]
-    resumed = start(path, "--ckpt_path", "last", env=env)
+    resumed = start(path, "--ckpt_path", "last", env={**env, **TESTS_ON_PATH})
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert load(tmp_path.joinpath(*CKPT))["epoch"] == 2
@@ -189,17 +197,10 @@ def test_sigusr1_saves_last_ckpt_and_requeues_under_slurm(tmp_path, slurm):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sigterm_to_one_ddp_rank_stops_both_with_one_checkpoint(tmp_path, rank):
     path, cfg = slow_config(tmp_path, strategy="ddp", devices=2, accelerator="cpu")
-    proc = start(path, env={"OMP_NUM_THREADS": "1"})
-    wait_for_training(proc, tmp_path)
-    deadline = time.time() + 120
-    while not (children := [c for c in psutil.Process(proc.pid).children(recursive=True)
-                            if "pcn_ep" in " ".join(c.cmdline())]):
-        assert time.time() < deadline and proc.poll() is None, "rank 1 never started"
-        time.sleep(0.2)
-    time.sleep(3.0)
-    target = proc.pid if rank == 0 else children[0].pid
-    os.kill(target, signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)  # a deadlock would hang here
+    signal_itself(cfg, "SIGTERM", step=10, rank=rank)  # that rank only, at a known step
+    write(path, cfg)
+    proc = start(path, env={"OMP_NUM_THREADS": "1", **TESTS_ON_PATH})
+    _, err = proc.communicate(timeout=300)  # a deadlock would hang here
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM after saving" in err, err
     assert "Traceback" not in err, err
@@ -207,8 +208,6 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_one_checkpoint(tmp_path, rank):
     assert saved["epoch"] < 2
     generators = saved["sign_generators"]
     assert len(generators) == 2 and not torch.equal(generators[0], generators[1])
-    for child in children:
-        child.wait(timeout=30) if child.is_running() else None
 
 
 def test_each_rank_takes_back_its_own_sign_generator():
