@@ -57,3 +57,27 @@ def test_the_training_step_reads_the_device_once(tmp_path, monkeypatch):
     assert main(["fit", "--config", str(path), "--trainer.limit_train_batches", "3",
                  "--test_after_fit", "false"]) == 0
     assert reads[:2] == [["tolist"], ["tolist"]], reads  # a GPU adds its one copy to the host
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_bad_batch_on_one_ddp_rank_stops_both(tmp_path, split):
+    """2 gloo processes, the bad batch in rank 1's shard only: both ranks end with the error
+    (before, a bad evaluation batch ended rank 1 alone; rank 0 found its peer gone at the epoch's
+    metric sync, an "unexpected RuntimeError" under gloo, a wait for the timeout under NCCL)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = user_data_config(tmp_path, split, "nan")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["init_args"]["rank"] = 1
+    cfg["trainer"].update(strategy="ddp", devices=2, accelerator="cpu")
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-m", "pcn_ep", "fit", "--config", str(path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("pcn_ep:")]
+    assert lines and all(line.startswith(f"pcn_ep: error: bad {split} batch") for line in lines), lines
+    assert any("non-finite input values" in line for line in lines), lines

@@ -160,3 +160,29 @@ def test_a_run_stopped_by_a_signal_is_recorded_stopped_and_run_again(tmp_path, m
     record = reproduce.run_one(table, table.cells()[0], 0, args, [])
     assert record["status"] == "stopped" and "stopped by SIGTERM" in record["error"]
     assert not reproduce.finished(reproduce.run_folder(tmp_path, table, table.cells()[0], 0))
+
+
+def test_a_corrupt_record_or_marker_is_read_as_none_and_the_run_runs_again(tmp_path, monkeypatch, capsys):
+    """A run.json cut by a kill, hand-edited into a list, or a folder in its place; a marker that
+    is not JSON: no traceback. The run is not finished (so it runs again) and the root's kind is
+    read from what is readable."""
+    table = reproduce.TABLES["fig_init_gain"]
+    folder = reproduce.run_folder(tmp_path, table, table.cells()[0], 0)
+    folder.mkdir(parents=True)
+    for bad in ('{"status": "ok", "se', '["ok"]', '{"status": 1}'):
+        (folder / "run.json").write_text(bad)
+        assert reproduce.stored_record(folder) is None and not reproduce.finished(folder)
+    (folder / "run.json").unlink()
+    (folder / "run.json").mkdir()
+    assert not reproduce.finished(folder)
+    (tmp_path / reproduce.MARKER).write_text("{not json")
+    assert reproduce.claim_root(tmp_path, smoke=True) is None   # rewritten as a smoke root
+    assert "not reproduce's marker" in capsys.readouterr().err
+    assert "holds smoke runs" in reproduce.claim_root(tmp_path, smoke=False)
+    # run_one writes its record whole: the finished run is then skipped
+    monkeypatch.setattr(reproduce, "command", lambda *a: [sys.executable, "-c", "pass"])
+    (folder / "run.json").rmdir()
+    args = reproduce.parser().parse_args(["fig_init_gain", "--smoke", "--out", str(tmp_path)])
+    args.threads = 1
+    assert reproduce.run_one(table, table.cells()[0], 0, args, [])["status"] == "ok"
+    assert reproduce.finished(folder) and not list(folder.glob(".run.json.partial-*"))

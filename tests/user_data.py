@@ -7,16 +7,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 class UserData(L.LightningDataModule):
     """64 random 1×16×16 images of 10 classes per split, batch 8; in ``split``, batch 1 carries
-    ``fault``: ``high`` (a label = 10), ``negative`` (a label = -1), ``nan`` or ``inf`` inputs."""
+    ``fault``: ``high`` (a label = 10), ``negative`` (a label = -1), ``nan`` or ``inf`` inputs;
+    ``rank``: only that DDP rank's copy of the data has the fault (rank 1's shard holds it)."""
 
-    def __init__(self, split: str = "none", fault: str = "none") -> None:
+    def __init__(self, split: str = "none", fault: str = "none", rank: int | None = None) -> None:
         super().__init__()
-        self.split, self.fault = split, fault
+        self.split, self.fault, self.rank = split, fault, rank
 
     def _loader(self, split: str) -> DataLoader:
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(64, 1, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
-        if split == self.split:
+        if split == self.split and self.rank in (None, self.trainer.global_rank):
             bad = 8 + 3  # batch 1
             if self.fault == "high":
                 y[bad] = 10

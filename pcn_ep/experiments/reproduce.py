@@ -162,7 +162,7 @@ def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
     run_dir = run_folder(args.out, table, cell, seed)
     record_path = run_dir / "run.json"
     if finished(run_dir):
-        return json.loads(record_path.read_text())
+        return stored_record(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(table, cell, seed, run_dir, args, len(gpus) if devices is None else devices)
     env = dict(os.environ)
@@ -201,7 +201,9 @@ def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
     if os.environ.get("SLURM_JOB_ID"):
         record["slurm_job"] = os.environ["SLURM_JOB_ID"]
     if not rank:  # one record per run: DDP ranks > 0 only log
-        record_path.write_text(json.dumps(record, indent=1))
+        partial = record_path.with_name(f".run.json.partial-{os.getpid()}")
+        partial.write_text(json.dumps(record, indent=1))
+        partial.replace(record_path)  # a kill mid-write leaves the previous record, never half
     return record
 
 
@@ -426,16 +428,13 @@ def claim_root(out: Path, smoke: bool) -> str | None:
     """Mark ``out`` as a smoke or a real results root; an error line if it holds the other kind
     (the report reads one root, so smoke and real runs never mix)."""
     kind = "smoke" if smoke else "real"
+    from .report import root_kind
+
     marker = out / MARKER
-    other = None
-    if marker.is_file():
-        if bool(json.loads(marker.read_text()).get("smoke")) != smoke:
-            other = "smoke" if not smoke else "real"
-    else:
-        for record in out.glob("*/*/*/run.json"):
-            if bool(json.loads(record.read_text()).get("smoke")) != smoke:
-                other = "smoke" if not smoke else "real"
-                break
+    marked = root_kind(out, warn=lambda line: print(f"pcn_ep: warning: {line}", file=sys.stderr))
+    kinds = {marked} if marked is not None else {
+        bool(record.get("smoke")) for record in map(stored_record, out.glob("*/*/*/")) if record}
+    other = ("smoke" if not smoke else "real") if (not smoke) in kinds else None
     if other:
         return (f"pcn_ep: error: {out} holds {other} runs: {kind} runs need their own results "
                 f"folder (--out; the default is results/ for real runs, results/smoke/ for smoke)")
@@ -571,10 +570,21 @@ def launch_slurm(table: Table, runs: list, args: argparse.Namespace) -> int:
     return submit(table, runs, args)
 
 
+def stored_record(run_dir: Path) -> dict | None:
+    """The ``run.json`` of a run folder as ``run_one`` wrote it; ``None`` when there is none or
+    it is not one (a folder, a FIFO, a hand edit): that run is then simply run again."""
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("status"), str) else None
+
+
 def finished(run_dir: Path) -> bool:
     """The run ended ok or diverged: a rerun (or a resubmission) skips it."""
-    record = run_dir / "run.json"
-    return record.exists() and json.loads(record.read_text())["status"] in ("ok", "diverged")
+    record = stored_record(run_dir)
+    return record is not None and record["status"] in ("ok", "diverged")
 
 
 def write_table_report(table: Table, args: argparse.Namespace) -> int:

@@ -289,6 +289,10 @@ class Preemption(Callback):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # collective: rank 0 writes, all wait
+        # Lightning logs a step's metrics after this hook: log them here, or the stopped step
+        # would be the one hole in the run's history (CSV and W&B alike)
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
         trainer._pcn_last_saved = (trainer.current_epoch, trainer.global_step)
         requeue = None
         if signum == signal.SIGUSR1 and trainer.is_global_zero:

@@ -422,7 +422,11 @@ class PCNEPModule(L.LightningModule):
         x, y = batch
         where = f"{split} batch {batch_idx}" + (f" at epoch {self.current_epoch}"
                                                  if self.trainer.state.fn == "fit" else "")
-        if not bool(self._valid_batch(x, y, where)):  # evaluation reads its metrics anyway
+        valid = self._valid_batch(x, y, where)
+        # every rank stops on any rank's bad batch: alone, the others would wait at the epoch's
+        # metric sync until the process group's timeout (evaluation reads its metrics anyway)
+        _, valid = self._agree(torch.ones_like(valid), valid)
+        if not valid:
             raise self._bad_batch(x, y, where)
         logits = self.network(x)
         loss = self.estimator.cost.value(logits, y).mean()
