@@ -1,5 +1,5 @@
 """A checkpoint is data: nothing in one runs code, and a file the command cannot use is one line
-naming it before anything runs (README "Security")."""
+naming it before anything runs (docs/faults.md, "Security")."""
 import os
 import shutil
 import tempfile

@@ -1,5 +1,5 @@
-"""The fault suite: what a multi-day run on a preemptible cluster meets (README "When things go
-wrong"). Each test reaches the case where the library's default behaviour differs from ours."""
+"""The fault suite: what a multi-day run on a preemptible cluster meets (docs/faults.md, "When things
+go wrong"). Each test reaches the case where the library's default behaviour differs from ours."""
 import os
 import signal
 import subprocess

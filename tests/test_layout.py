@@ -1,4 +1,4 @@
-"""The package's wings import downward only (README's package map, shared/DESIGN.md):
+"""The package's wings import downward only (the package map in docs/algorithm.md, shared/DESIGN.md):
 core and data import neither training, tools nor experiments; training imports no tools or
 experiments; tools import no experiments. Imports inside functions count too. A module at the top
 of the package (commandline.py) is a shared leaf: every wing may use it, so it imports no pcn_ep module."""

@@ -105,9 +105,10 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
 @pytest.mark.parametrize("network, gray", [("VGG5", False), ("VGG10", True)])
 def test_the_readme_imagefolder_recipe_trains_with_three_overrides(tmp_path, monkeypatch, capsys,
                                                                    network, gray):
-    """README's recipe: root, image size and network; classes, channels and the network's input
-    size come from the data, evaluation resizes with the image size, and output goes to
-    runs/imagefolder/seed0 under the folder the command runs in (plus QUICK, to be fast)."""
+    """The recipe of docs/data.md ("Your own images"): root, image size and network; classes,
+    channels and the network's input size come from the data, evaluation resizes with the image
+    size, and output goes to runs/imagefolder/seed0 under the folder the command runs in (plus
+    QUICK, to be fast)."""
     root = images(tmp_path / "my images", gray=gray)
     monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", str(CONFIGS / "imagefolder.yaml"), "--data.init_args.root",
