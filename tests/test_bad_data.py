@@ -1,7 +1,9 @@
 """Bad data ends in one DataError whose first line names the file (or split) and the problem."""
 import gzip
 import pickle
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,7 +194,8 @@ def test_folder_given_to_ffcv_backend_and_val_classes_differ(tmp_path):
     with pytest.raises(DataError, match="train is a folder but backend is 'ffcv'"):
         _imagenet(folder, backend="ffcv").setup()
     val = image_folder(tmp_path / "val", classes=3, per_class=1)
-    with pytest.raises(DataError, match="val does not have the class folders of .*train"):
+    with pytest.raises(DataError, match=r"the val split .*val has other class folders than "
+                       r".*train: 1 not in .*train \(class_002\)"):
         _imagenet(folder, val).setup()
 
 
@@ -242,3 +245,49 @@ def test_worker_message_puts_the_original_first():
         "cannot decode image a.jpg: OSError: truncated", "Caught DataError in DataLoader worker "
         "process 0."]
     assert str(DataError("plain")) == "plain"
+
+
+def _folder_run(tmp_path, capsys, damage):
+    """configs/imagefolder.yaml on a 2-class tree damaged by ``damage(root)``: the command's exit
+    code, its one ``pcn_ep:`` line, and whether anything started (a W&B run, the model summary)."""
+    import shutil
+
+    import yaml
+
+    from pcn_ep.training.cli import main
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        image_folder(root / split, classes=2, per_class=2)
+    damage(root)
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "imagefolder.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_epochs=1, accelerator="cpu")
+    cfg["data"]["init_args"].update(root=str(root), image_size=16, num_workers=0, batch_size=2)
+    cfg["model"]["network"]["init_args"]["width_mult"] = 0.0625
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    code = main(["fit", "--config", str(config)])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("pcn_ep:")]
+    started = (tmp_path / "run" / "wandb").exists() or "Params" in captured.out + captured.err
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+    return code, lines, started
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda root: [p.unlink() for p in (root / "train" / "class_001").iterdir()],
+     r"the train split .*/train has 1 class folder\(s\) without an image: .*/train/class_001 "),
+    (lambda root: [p.unlink() for p in (root / "val" / "class_000").iterdir()],
+     r"the val split .*/val has 1 class folder\(s\) without an image: .*/val/class_000 "),
+    (lambda root: (root / "val" / "extra").mkdir(),
+     r"the val split .*/val has other class folders than .*/train: 1 not in .*/train \(extra\)"),
+    (lambda root: [p.unlink() for p in (root / "val").rglob("*.*")],
+     r"the val split .*/val has 2 class folder\(s\) without an image"),   # a split with no image
+])
+def test_a_bad_image_folder_tree_fails_before_anything_starts(tmp_path, capsys, damage, says):
+    """Found at setup, before the model summary, with no W&B run (the finding: an empty class
+    folder failed after the sanity check, in torchvision's words, and left a failed W&B run)."""
+    code, lines, started = _folder_run(tmp_path, capsys, damage)
+    assert not started, lines
+    assert code == 1 and len(lines) == 1, lines
+    assert re.match(f"pcn_ep: error: {says}", lines[0]), lines[0]

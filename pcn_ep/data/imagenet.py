@@ -4,8 +4,9 @@ Both backends decode and crop on the loader side and hand uint8 NCHW batches to 
 ``on_after_batch_transfer`` normalizes them with the paper's Table 4 statistics, so they give
 batches of the same shape, dtype and normalization.
 
-Crop recipe (the paper does not state it, spec §6 [?]; ours is the standard torchvision / FFCV
+Crop recipe (the paper does not state it; ours is the standard torchvision / FFCV
 ImageNet recipe, configurable):
+
 - train, ``train_crop: random_resized`` (default): RandomResizedCrop to 224, scale (``min_scale``, 1),
   aspect ratio (3/4, 4/3), then horizontal flip;
 - train, ``train_crop: random``: resize the short side to ``val_resize`` (256), center 256², random
@@ -100,6 +101,9 @@ class ImageNetDataModule(L.LightningDataModule):
 
     # -- checks ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        """The paths, the class folders (each with an image, the same in every split) or the
+        .beton labels. Lightning calls this before the model summary and the loggers' start, so
+        bad data ends the command with nothing begun."""
         for key in ("train_path", "val_path"):
             path = getattr(self, key)
             if not path.exists():
@@ -110,13 +114,13 @@ class ImageNetDataModule(L.LightningDataModule):
                                 f"is {self.backend!r}: the ffcv backend reads a .beton file, the "
                                 "folder backend an ImageFolder tree (check data.init_args.backend)")
         if self.backend == "folder":
-            classes = find_classes(str(self.train_path))[0]
+            classes = check_class_folders(self.train_path, "train")
             if len(classes) != self.num_classes:
                 raise DataError(f"{self.train_path} has {len(classes)} classes, num_classes is "
                                 f"{self.num_classes}")
-            if find_classes(str(self.val_path))[0] != classes:
-                raise DataError(f"{self.val_path} does not have the class folders of "
-                                f"{self.train_path}: its labels would not match")
+            for split, path in (("val", self.val_path), ("test", self.test_path)):
+                if path != self.train_path:
+                    check_class_folders(path, split, like=(self.train_path, classes))
         else:
             for path in {self.train_path, self.val_path}:
                 labels = _beton_labels(path)
@@ -327,11 +331,48 @@ def find_classes(directory: str | Path) -> tuple[list[str], dict[str, int]]:
     return classes, {name: i for i, name in enumerate(classes)}
 
 
+def check_class_folders(split_path: Path, split: str,
+                        like: tuple[Path, list[str]] | None = None) -> list[str]:
+    """The class folders of one split, each holding at least one image; ``like``: (the training
+    split, its classes), which this split's class folders must equal (labels are folder ranks)."""
+    try:
+        classes = find_classes(split_path)[0]
+    except FileNotFoundError:
+        raise DataError(f"the {split} split {split_path} holds no class folder (expected "
+                        f"{split_path}/CLASS/IMAGE)") from None
+    if like is not None and classes != like[1]:
+        extra, missing = sorted(set(classes) - set(like[1])), sorted(set(like[1]) - set(classes))
+        differ = [f"{len(extra)} not in {like[0]} ({', '.join(extra[:5])})"] if extra else []
+        differ += [f"{len(missing)} of {like[0]} missing ({', '.join(missing[:5])})"] if missing else []
+        raise DataError(f"the {split} split {split_path} has other class folders than {like[0]}: "
+                        f"{'; '.join(differ) or 'the same names, another order'} (its labels "
+                        "would not match)")
+    empty = [name for name in classes if next(_images(split_path / name), None) is None]
+    if empty:
+        raise DataError(f"the {split} split {split_path} has {len(empty)} class folder(s) without "
+                        f"an image: {', '.join(str(split_path / n) for n in empty[:5])} (images: "
+                        f"{', '.join(IMG_EXTENSIONS)})")
+    return classes
+
+
 def image_files(folder: str | Path, is_valid_file=None) -> list[str]:
     """The images under ``folder``, recursively, in torchvision's order (by folder, then name):
     hidden names left out, symlinks followed but not into a loop (see above)."""
+    found = [(root, sorted(paths)) for root, paths in _image_walk(folder, is_valid_file)]
+    return [path for _, paths in sorted(found) for path in paths]
+
+
+def _images(folder: Path):
+    """The images under ``folder`` in no particular order, read lazily (the first is enough to
+    know a class folder is not empty)."""
+    return (path for _, paths in _image_walk(folder) for path in paths)
+
+
+def _image_walk(folder: str | Path, is_valid_file=None):
+    """(folder, its image paths) for every folder under ``folder``: hidden names left out,
+    symlinks followed but not into a loop."""
     valid = is_valid_file or (lambda path: has_file_allowed_extension(path, IMG_EXTENSIONS))
-    seen, found = {os.path.realpath(folder)}, []
+    seen = {os.path.realpath(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
         here, keep = os.path.realpath(root), []
         for name in dirs:
@@ -342,8 +383,7 @@ def image_files(folder: str | Path, is_valid_file=None) -> list[str]:
                 keep.append(name)
         dirs[:] = keep  # os.walk descends only into these
         paths = (os.path.join(root, name) for name in files if not name.startswith("."))
-        found.append((root, sorted(path for path in paths if valid(path))))
-    return [path for _, paths in sorted(found) for path in paths]
+        yield root, [path for path in paths if valid(path)]
 
 
 class ImageFolder(datasets.ImageFolder):
