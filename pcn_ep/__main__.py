@@ -11,7 +11,7 @@ COMMANDS = {
     "validate": ("pcn_ep.training.cli", "evaluate a checkpoint on the validation split"),
     "test": ("pcn_ep.training.cli", "evaluate a checkpoint on the test split"),
     "gradcheck": ("pcn_ep.tools.gradcheck", "per-layer fidelity of the EP gradient against backprop"),
-    "bench": ("pcn_ep.tools.bench", "EP vs backprop: step time, FLOPs, kernels, memory per example"),
+    "bench": ("pcn_ep.tools.bench", "EP vs backprop: step time, FLOPs, GPU operations, memory per example"),
     "energy": ("pcn_ep.tools.energy", "total energy F vs nudge iteration K (the paper's Fig. 8)"),
     "parity": ("pcn_ep.experiments.parity", "the sparse-parity table (PCN-EP, Hopfield-EP, backprop)"),
     "reproduce": ("pcn_ep.experiments.reproduce", "run one paper table's grid of runs, then report it"),

@@ -1,4 +1,4 @@
-"""Costs C(h_L, y) and the PCN energy F(θ, β, h) = ½ Σ_k ‖h_k − f_k(h_{k-1})‖² + β C(h_L, y) (spec Eq. 12)."""
+"""Costs C(h_L, y) and the PCN energy F(θ, β, h) = ½ Σ_k ‖h_k − f_k(h_{k-1})‖² + β C(h_L, y) (the paper's Eq. 12)."""
 from __future__ import annotations
 
 import torch
@@ -27,7 +27,7 @@ def one_hot(y: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
 
 
 class CrossEntropy(Cost):
-    """C = −log softmax(h)_y; the softmax belongs to the cost, the output layer is linear (spec §1.2)."""
+    """C = −log softmax(h)_y; the softmax belongs to the cost, the output layer is linear (the paper's Sec. 4)."""
 
     name = "ce"
 
@@ -39,7 +39,7 @@ class CrossEntropy(Cost):
 
 
 class SquaredError(Cost):
-    """C = ½ ‖h − onehot(y)‖² (the paper does not write the scaling out; spec §1.2 [I])."""
+    """C = ½ ‖h − onehot(y)‖² (the paper does not write the scaling out)."""
 
     name = "mse"
 

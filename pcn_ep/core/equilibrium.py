@@ -1,6 +1,6 @@
-"""The nudged phase: K sweeps of (mod-)PGD from the free state (spec §3).
+"""The nudged phase: K sweeps of (mod-)PGD from the free state (the paper's Sec. 4.1 and App. A).
 
-Update of a hidden state (spec Eqs. 15-20), with a_k the pre-activation and Δ_k the top-down drive
+Update of a hidden state (the paper's Eqs. 15-20), with a_k the pre-activation and Δ_k the top-down drive
 Δ_k = −∂(Σ_{j reads h_k} ½‖ε_j‖²)/∂h_k = Σ_j (∂f_j/∂h_k)^T ε_j:
 
     PGD:      h_k ← ReLU((1 − α) h_k + α (ReLU(a_k) + Δ_k))
@@ -21,6 +21,7 @@ free window offsets), and ReLU(a* + u) − ReLU(a*) = max(u + min(a*, 0), −ReL
 no unit crosses its kink: a nudge of 1e-6 keeps all its digits in every layer.
 
 Minimum work and memory:
+
 - one free state serves every sign: nudged tensors have shape (copies, batch, ...) and broadcast
   against it (centered EP runs +β and −β as copies = 2);
 - a layer's δa_k is recomputed (one linear map) only after one of its inputs changed; each layer's

@@ -6,13 +6,13 @@ nudged states. Calling ``backward`` (or Lightning's ``manual_backward``) on it g
 so DDP's gradient all-reduce, gradient clipping and optimizers work unchanged. Gradients are means
 over the local batch, so DDP's averaging yields the mean over the global batch.
 
-EP schemes (spec §2.1) are one batched nudged phase in which every example carries its own β_i and
+EP schemes (the paper's Sec. 3.1) are one batched nudged phase in which every example carries its own β_i and
 contributes (1/β_i) ∂F/∂θ(θ, β_i, h^{β_i}) / copies to the estimate (∂F/∂θ = 0 at the free state,
-spec Eq. 11, so no free-phase term is needed):
+the paper's Eq. 11, so no free-phase term is needed):
 
     forward  β_i = +β                 backward β_i = −β
     random   β_i = ±β, sign drawn per example
-    centered the batch twice, β_i = +β then −β, each copy weighted ½   (spec Eq. 7)
+    centered the batch twice, β_i = +β then −β, each copy weighted ½   (the paper's Eq. 7)
 """
 from __future__ import annotations
 
@@ -97,11 +97,11 @@ class EquilibriumPropagation:
 
     Args:
         cost: ``"ce"`` or ``"mse"``.
-        perturbation: ``"nudge"`` (βC added to the energy) or ``"clamp"`` (spec Eq. 8).
+        perturbation: ``"nudge"`` (βC added to the energy) or ``"clamp"`` (the paper's Eq. 8).
         scheme: ``forward``, ``backward``, ``random`` or ``centered``.
         beta: the nudging strength |β| > 0; the scheme chooses the signs.
         dynamics: K, rule, order and α of the nudged phase.
-        trace: record per-iteration energies (spec Fig. 8); costs a full forward per iteration.
+        trace: record per-iteration energies (the paper's Fig. 8); costs a full forward per iteration.
         generator: RNG for the random scheme's signs (default: torch's global RNG). The signs are
             drawn on the data's device, so the generator must live there (a CUDA generator for CUDA
             data): no host round trip.
@@ -151,7 +151,7 @@ class EquilibriumPropagation:
         self.pool_routing = pool_routing
 
     def predict(self, network: PCN, x: Tensor) -> Tensor:
-        """The prediction is the free state's output: a forward pass (spec §1.2)."""
+        """The prediction is the free state's output: a forward pass (the paper's Sec. 4)."""
         return network(x)
 
     def signed_betas(self, batch: int, device: torch.device) -> Tensor:
@@ -217,8 +217,8 @@ class EquilibriumPropagation:
         """Σ_i w_i ∂F/∂θ at the nudged states, in ``network.parameters()`` order, and the
         per-example prediction-error energy E = ½ Σ_k ‖ε_k‖² (shape (copies, batch)).
 
-        ∂F/∂θ_k = −(∂a_k/∂θ_k)^T (ε_k ⊙ f_k'(a_k)) (spec §1.3): local, and zero for a layer whose
-        error never became non-zero. All copies share one call per layer; a layer whose inputs
+        ∂F/∂θ_k = −(∂a_k/∂θ_k)^T (ε_k ⊙ f_k'(a_k)) (our derivation from the paper's Eq. 12):
+        local, and zero for a layer whose error never became non-zero. All copies share one call per layer; a layer whose inputs
         never moved (layer 1) sums its copies first, since they share input and pool routing.
         Goes from the top down and drops each layer's tensors once used (the step's memory peak).
         """

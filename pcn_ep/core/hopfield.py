@@ -1,8 +1,8 @@
 """The sparse-parity write-up's own model: a continuous Hopfield network trained with classic EP.
 
-Scellier & Bengio (2017) as the write-up describes it (spec/sparse_parity.md): input x clamped, one
-hidden tanh layer s_h and one tanh output s_o, symmetric weights W1 (x–h) and w2 (h–o). Both phases
-are damped fixed-point iterations with step α, starting from zero (free) or from the free state
+Scellier & Bengio (2017) as the write-up describes it (documentation: Sparse parity): input x
+clamped, one hidden tanh layer s_h and one tanh output s_o, symmetric weights W1 (x–h) and w2 (h–o).
+Both phases are damped fixed-point iterations with step α, starting from zero (free) or from the free state
 (nudged, with −β(s_o − t) added inside the output tanh, t = ±1):
 
     s_h ← (1 − α) s_h + α tanh(x W1 + b1 + s_o w2^T)

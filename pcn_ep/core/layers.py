@@ -8,7 +8,7 @@ A layer computes, from its input state h_{k-1} (and, for a skip target, a second
 
 The bias is added after the pool, which equals pooling (c + b) since b is constant per channel. The
 skip enters *before* the pool, inside the linear part, so that the state update stays one linear map
-plus one pool (spec §4, VGG10Skip; our reading, documented in ``networks.py``).
+plus one pool (the paper's Sec. 5.5, VGG10Skip; our reading, documented in ``networks.py``).
 
 Besides ``forward`` (used by the free phase and by backprop), a layer exposes the two transposed maps
 that equilibrium propagation needs, written out so that a nudge iteration costs exactly one linear map
@@ -35,11 +35,12 @@ class PCNLayer(nn.Module):
     Args:
         kind: ``"conv"`` or ``"dense"``. A dense layer flattens its input.
         in_features / out_features: channels for a conv, units for a dense layer.
-        pool: 2×2 max-pool with stride 2 after the conv (before the ReLU, spec Eq. 13).
-        relu: ReLU for hidden layers; ``False`` for the linear output layer (spec Eq. 14).
+        pool: 2×2 max-pool with stride 2 after the conv (before the ReLU, the paper's Eq. 13).
+        relu: ReLU for hidden layers; ``False`` for the linear output layer (the paper's Eq. 14).
         skip_in: channels of a skip source; adds a 1×1 conv with stride ``skip_stride`` to ``c``.
-        gain: γ of spec Eq. 21, weights ~ U(−c, c) with c = γ / sqrt(fan).
-        fan_mode: ``"fan_in"`` or ``"fan_out"`` (convs only; dense layers always use fan_in, spec §4).
+        gain: γ of the paper's Eq. 21, weights ~ U(−c, c) with c = γ / sqrt(fan).
+        fan_mode: ``"fan_in"`` or ``"fan_out"`` (convs only; dense layers always use fan_in, the
+            paper's Eq. 21).
         bias_init: ``"uniform"`` (PyTorch's default, U(±1/sqrt(fan_in)); the paper does not say [?]) or
             ``"zeros"``.
     """

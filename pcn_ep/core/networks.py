@@ -1,4 +1,4 @@
-"""PCN architectures: a chain of ``PCNLayer`` with optional skip inputs (spec §4).
+"""PCN architectures: a chain of ``PCNLayer`` with optional skip inputs (the paper's App. B.2).
 
 States are numbered as in the paper: h_0 = x (fixed), h_1..h_L, with h_L the linear output. Layer k
 (``layers[k - 1]``) maps h_{k-1} (and its skip source h_s, if any) to the prediction f_k of h_k.
@@ -75,7 +75,7 @@ class PCN(nn.Module):
             if not 0 <= source < target - 1 or self.layers[target - 1].skip_weight is None:
                 raise ValueError(f"invalid skip {source}->{target}")
         if layers[-1].relu:
-            raise ValueError("the output layer must be linear (relu=False), spec Eq. 14")
+            raise ValueError("the output layer must be linear (relu=False), the paper's Eq. 14")
 
     @property
     def depth(self) -> int:
@@ -98,7 +98,7 @@ class PCN(nn.Module):
         return any(s > 0 for s in self.sources(k))
 
     def free_phase(self, x: Tensor) -> FreeState:
-        """One forward pass (spec §1.2): the free equilibrium, global minimum of F at β = 0.
+        """One forward pass (the paper's Sec. 4): the free equilibrium, global minimum of F at β = 0.
 
         Keeps a*_k for every layer, the window offsets d_k of pooled layers that can move and the
         pool routing of those that cannot (see ``FreeState``); the states h* live only while used."""
@@ -192,13 +192,13 @@ class MLP(PCN):
 
 
 class VGG5(PCN):
-    """VGG5 of spec Table 5 (input 32×32 in the paper).
+    """VGG5 of the paper's Table 5 (input 32×32 in the paper).
 
     ``variant="4conv"`` (default): conv128-pool, conv256-pool, conv512-pool, conv512-pool, dense; five
     weight layers, as the name says and as in PCX's VGG5 and Scellier et al. (2023), which this paper
     builds on. ``variant="5conv"``: the six rows of the extracted table (conv128, conv256-pool,
     conv512-pool, conv512-pool, conv512-pool, dense). Spec §4 flags the discrepancy.
-    Convs use fan_in (spec Eq. 21); ``output_gain=0.2`` is Fig. 3's variant.
+    Convs use fan_in (the paper's Eq. 21); ``output_gain=0.2`` is Fig. 3's variant.
 
     Args:
         in_channels: channels of the input images (1 for MNIST, 3 for colour).
@@ -242,9 +242,9 @@ class VGG5(PCN):
 
 
 class VGG10(PCN):
-    """VGG10 of spec Table 6: 8 convs in 5 pooled stages, dense 2048, linear 1000 (input 224×224).
+    """VGG10 of the paper's Table 6: 8 convs in 5 pooled stages, dense 2048, linear 1000 (input 224×224).
 
-    Conv weights use fan_out (spec Eq. 21). ``width_mult`` scales every conv and the hidden dense
+    Conv weights use fan_out (the paper's Eq. 21). ``width_mult`` scales every conv and the hidden dense
     layer, so tests can run the real topology small.
 
     Args:

@@ -1,7 +1,7 @@
 """Image data sets held in memory as uint8 tensors (MNIST, CIFAR-10/100, ImageNet32), read from a
 local root in each data set's own on-disk format, normalized and augmented on the device.
 
-Normalization statistics are the paper's Table 4. Augmentation (spec §6): random crop with 4 px
+Normalization statistics are the paper's Table 4. Augmentation (the paper's App. B): random crop with 4 px
 zero padding and horizontal flip for CIFAR and ImageNet32 training, none for MNIST (padded by 2 to
 32×32) and never at test time. The per-batch augmentation draws from (seed, global step), so a
 resumed run replays it.
@@ -201,7 +201,7 @@ def read_mnist(root: Path) -> dict[str, tuple[Tensor, Tensor, str]]:
         if len(x) != len(y):
             raise DataError(f"{files[0]} holds {len(x)} images but {files[1]} holds {len(y)} "
                             "labels")
-        x = F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # 28 → 32 (spec §6)
+        x = F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # 28 → 32 (the paper's App. B)
         splits[split] = (x, torch.from_numpy(y.copy()).long(), str(files[1]))
     return splits
 

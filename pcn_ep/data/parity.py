@@ -1,4 +1,4 @@
-"""Sparse parity: the task of the failed EP write-up, with its exact generator (spec/sparse_parity.md)."""
+"""Sparse parity: the task of the failed EP write-up, with its exact generator."""
 from __future__ import annotations
 
 import numpy as np

@@ -83,19 +83,26 @@ class _Reporting:
             return Image.new("RGB", (1, 1)), self.inner.samples[index][1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> CommandParser:
     p = CommandParser(prog="python -m pcn_ep write-ffcv", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="ImageFolder root (one sub-folder per class)")
     p.add_argument("--out", required=True, help="the .beton file to write")
     p.add_argument("--max-resolution", type=int, default=512,
                    help="longer side is resized down to this (FFCV ImageNet recipe: 256-512)")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--write-mode", choices=["raw", "jpg", "smart", "proportion"], default="smart")
+    p.add_argument("--jpeg-quality", type=int, default=90,
+                   help="JPEG quality (1-100) of the images stored as JPEG")
+    p.add_argument("--write-mode", choices=["raw", "jpg", "smart", "proportion"], default="smart",
+                   help="FFCV's image storage: raw pixels, JPEG, smart (JPEG for the large "
+                        "images) or proportion (a share of them as JPEG)")
     p.add_argument("--compress-probability", type=float, default=0.5,
                    help="share of images stored as JPEG with --write-mode proportion")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=8, help="processes that encode the images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         report = write_ffcv(args.src, args.out, args.max_resolution, args.jpeg_quality,
                             args.write_mode, args.compress_probability, args.workers,

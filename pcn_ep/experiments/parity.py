@@ -1,6 +1,7 @@
 """``python -m pcn_ep parity``: the sparse-parity table, on any task, beside the failed write-up's.
 
-Methods (spec/sparse_parity.md):
+Methods (documentation: Sparse parity):
+
 - ``pcn-ep``: PCN MLP (200 ReLU units, 2 linear outputs, CE), centered EP β = 0.05, K = 2, mod-PGD
   (two layers: K = 2 gives K = 4's gradient at half the nudged phase's cost);
   SGD, momentum 0.9, weight decay 0.01, batch 64, learning rate 16 / (n · 3^(k−3)) (at most 0.8)
@@ -37,7 +38,7 @@ from ..tools.ard import step_ard
 from ..training.fastfit import SCHEDULES, FitResult, fit_tensors, sgd
 
 METHODS = ("pcn-ep", "bp", "hopfield-writeup", "hopfield-corrected")
-SOLVED = 0.99  # spec: test accuracy >= 0.99 at the end of training
+SOLVED = 0.99  # the task's goal: test accuracy >= 0.99 at the end of training
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ WRITEUP = {
     ("n3k3", 44): (0.620, 0.740, 8.3), ("n20k3", 42): (0.528, 0.525, 91.9),
     ("n20k3", 43): (0.588, 0.555, 95.1), ("n20k3", 44): (0.768, 0.745, 94.4),
 }
-# Weighted ARD of one step as its authors counted it by hand (spec/sparse_parity.md).
+# Weighted ARD of one step as its authors counted it by hand.
 HAND_ARD = {
     ("n3k3", "hopfield-writeup"): "18,121 (write-up, h 100)",
     ("n20k3", "hopfield-writeup"): "711,003 (write-up, h 1000)",
@@ -156,22 +157,33 @@ def movement_table(rows: list[dict]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="python -m pcn_ep parity", description=__doc__.split("\n")[0])
-    task = p.add_argument_group("task (none given: the write-up's n=3/k=3 50/50 and n=20/k=3 "
-                                "500/200; a value not given is taken from n=20/k=3)")
+    p = CommandParser(prog="python -m pcn_ep parity",
+                      description="the sparse-parity table: PCN-EP, backprop and two Hopfield-EP "
+                                  "variants, beside the results of an earlier EP experiment on the "
+                                  "same tasks and seeds",
+                      epilog="With no task flag: the earlier experiment's two tasks, n=3/k=3 with "
+                             "50 training and 50 test examples and n=20/k=3 with 500 and 200; a "
+                             "task flag not given is taken from n=20/k=3.")
+    task = p.add_argument_group("task (default: the earlier experiment's two tasks, see below)")
     task.add_argument("--n-bits", type=int, help="input bits n")
     task.add_argument("--k-sparse", type=int, help="relevant bits k (their product is the label)")
     task.add_argument("--n-train", type=int, help="training examples")
     task.add_argument("--n-test", type=int, help="test examples (drawn from seed + 1000)")
     p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="default: all four on the write-up's tasks, pcn-ep and bp on another")
-    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+                   help="methods to run: pcn-ep (a PCN trained with EP), bp (the same network "
+                        "with backprop), hopfield-writeup (the earlier experiment's Hopfield "
+                        "network and settings), hopfield-corrected (its step size scaled to the "
+                        "width) (default: all four on the earlier experiment's tasks, pcn-ep and "
+                        "bp on another)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44],
+                   help="seeds, one run per method and seed")
     p.add_argument("--epochs", type=int, default=None,
                    help="override every method's budget (default: the recipe's, see README)")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="pcn-ep and bp's learning rate: annealed to 0 (the recipe) or constant "
                         "(to see the end of training swing)")
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="CPU threads per run (torch.set_num_threads)")
     p.add_argument("--json", metavar="FILE", type=output_file,
                    help="also write the rows as JSON (checked before the first run)")
     return p

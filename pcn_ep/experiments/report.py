@@ -940,9 +940,12 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
 
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m pcn_ep report", description=__doc__.split("\n")[0])
-    p.add_argument("results", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tables", nargs="+", default=None, help="default: every table found")
+    p.add_argument("results", type=Path,
+                   help="the results folder reproduce wrote (RESULTS_DIR: one folder per table)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the folder to write the tables (Markdown) and figures (PNG) into")
+    p.add_argument("--tables", nargs="+", default=None,
+                   help="the tables to report (default: every table found)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--smoke", dest="smoke", action="store_const", const=True, default=None,
                       help="report the smoke runs (default: the folder's kind, else real runs if any)")

@@ -369,7 +369,8 @@ def gpu_slots(gpus: int, ddp: bool) -> list[list[int]]:
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m pcn_ep reproduce",
                                 description="run one paper table's grid and write its report")
-    p.add_argument("table", choices=sorted(TABLES))
+    p.add_argument("table", choices=sorted(TABLES),
+                   help="the paper's table or figure to reproduce (each is a grid of runs)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default results/ or, with --smoke, results/smoke/)")
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
@@ -384,9 +385,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=seed_number, nargs="+", default=None, help="default: the table's")
     p.add_argument("--smoke", action="store_true",
                    help="the same grid on the embedded digits, tiny nets, 2 epochs (CPU)")
-    p.add_argument("--wandb-project", default="pcn-ep")
+    p.add_argument("--wandb-project", default="pcn-ep",
+                   help="the Weights & Biases project the runs log to (offline without an API key)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an extra override for every run, e.g. trainer.precision=32")
+                   help="an extra override for every run, e.g. trainer.precision=32 (repeatable)")
     p.add_argument("--energy-ckpt", default=None, help="fig_energy: a trained VGG10 checkpoint "
                                                        "(default: the network at initialization)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -399,8 +401,10 @@ def parser() -> argparse.ArgumentParser:
                         "through submitit, requeued at its time limit or on preemption, resuming "
                         "from its last.ckpt (--gpus and --jobs do not apply)")
     slurm = p.add_argument_group("--launcher slurm")
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--partition", default=None,
+                       help="the SLURM partition to submit to (default: the cluster's)")
+    slurm.add_argument("--account", default=None,
+                       help="the SLURM account to charge (default: yours)")
     slurm.add_argument("--gpus-per-run", type=nonneg_int, default=None,
                        help="default 1, or 8 for a table whose runs use DDP (table_top5); "
                             "--smoke submits CPU jobs")

@@ -1,6 +1,6 @@
 """Weighted ARD (average reuse distance) of one training step, read off its real tensor operations.
 
-The sparse-parity project's data-movement proxy (spec/sparse_parity.md, last section): one clock
+The sparse-parity project's data-movement proxy (documentation: Sparse parity): one clock
 counted in floats; writing a buffer stamps it with the clock; reading it records (size, clock −
 stamp), or nothing if it was never written; either advances the clock by the size. Weighted ARD is
 Σ size·d / Σ size over the recorded reads, DMC is Σ size·√d.

@@ -41,31 +41,42 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "32": 67e12}, "H200": {"bf16": 989e12, "3
 def parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m pcn_ep bench", description=__doc__.split("\n")[0])
     add_network_arguments(p, width_mult=0.25)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--scheme", choices=SCHEMES, default="centered")
-    p.add_argument("--beta", type=positive_float, default=0.05)
-    p.add_argument("--K", type=positive_int, default=5)
-    p.add_argument("--rule", choices=RULES, default="mod-pgd")
-    p.add_argument("--order", choices=ORDERS, default="async")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per training step")
+    p.add_argument("--scheme", choices=SCHEMES, default="centered",
+                   help="EP's scheme: +β (forward), -β (backward), a random sign per example, or "
+                        "+β and -β (centered: twice the nudged-phase work)")
+    p.add_argument("--beta", type=positive_float, default=0.05, help="the nudge strength |β|")
+    p.add_argument("--K", type=positive_int, default=5,
+                   help="nudged-phase iterations, each a sweep over the layers")
+    p.add_argument("--rule", choices=RULES, default="mod-pgd",
+                   help="the state update: mod-pgd (the paper's Eq. 20) or pgd (Eq. 19)")
+    p.add_argument("--order", choices=ORDERS, default="async",
+                   help="layer order within an iteration: async (even then odd layers) or sync")
     p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
                    help="max-pool winners in the nudged phase: the free phase's, or recomputed")
-    p.add_argument("--precision", choices=["32", "bf16"], default="32")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32",
+                   help="float32, or bfloat16 mixed precision (autocast; GPU)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store images and activations channels-last (NHWC), often faster on GPUs")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each estimate whole (core.compile_estimator)")
-    p.add_argument("--steps", type=positive_int, default=10)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--steps", type=positive_int, default=10,
+                   help="timed training steps per method, after two warm-up steps (the median "
+                        "is reported)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the weights and the random batch")
     p.add_argument("--memory", action="store_true",
                    help="peak memory per example of BP, centered and random EP instead of time")
     p.add_argument("--batch-sizes", type=positive_int, nargs=2, default=[8, 16], metavar=("B1", "B2"),
-                   help="two different batch sizes (default: 8 16)")
-    p.add_argument("--at", type=positive_int, default=256, help="batch size for the projected peak")
+                   help="two different batch sizes for --memory (default: 8 16)")
+    p.add_argument("--at", type=positive_int, default=256,
+                   help="with --memory: the batch size at which the peak memory is projected")
     p.add_argument("--suite", choices=["gpu"], default=None,
-                   help="the GPU suite: VGG10 224 in fp32, bf16 and compiled, memory, cosines, DDP")
+                   help="the GPU suite: VGG10 at 224 px in float32, bfloat16 and compiled, "
+                        "memory, EP-backprop cosines, multi-GPU (DDP)")
     p.add_argument("--out", type=output_file, default=None,
                    help="where --suite writes its table (default: BENCHMARKS-gpu.md)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 

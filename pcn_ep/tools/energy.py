@@ -46,17 +46,21 @@ def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics,
 
 
 def parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="python -m pcn_ep energy", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m pcn_ep energy",
+                      description="the total energy F = E + βC of the nudged state after each "
+                                  "nudged-phase iteration K (the paper's Fig. 8), as JSON")
     p.add_argument("--config", action="append", required=True,
                    help="a training config (repeatable, layered like fit's)")
     p.add_argument("--ckpt", default=None, help="weights to load (a fit checkpoint)")
     p.add_argument("--out", type=output_file, required=True,
                    help="the JSON file to write (its folder must exist)")
-    p.add_argument("--images", type=positive_int, default=8)
+    p.add_argument("--images", type=positive_int, default=8,
+                   help="validation images to trace (the first ones; the paper uses 8)")
     p.add_argument("--K-max", type=positive_int, default=20,
                    help="iterations to trace (the paper: K=10 in training, spike from K≈5)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--device", default="cpu", help="a torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seeds the network's initial weights (without --ckpt) and the data")
     return p
 
 

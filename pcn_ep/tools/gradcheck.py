@@ -45,11 +45,16 @@ def build_network(args: argparse.Namespace) -> PCN:
 
 def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None:
     """The flags that pick a network (shared by ``gradcheck`` and ``bench``)."""
-    p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5")
-    p.add_argument("--width-mult", type=positive_float, default=width_mult)
-    p.add_argument("--input-size", type=positive_int, default=32)
-    p.add_argument("--in-channels", type=positive_int, default=3)
-    p.add_argument("--num-classes", type=classes, default=10)
+    p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5",
+                   help="the network: vgg5, vgg10 and vgg10skip as in the paper's Tables 5-6 and "
+                        "Sec. 5.5, or an MLP with two hidden layers of 256 x --width-mult units")
+    p.add_argument("--width-mult", type=positive_float, default=width_mult,
+                   help="channel (or unit) count relative to the paper's network")
+    p.add_argument("--input-size", type=positive_int, default=32,
+                   help="height and width of the input images, in pixels")
+    p.add_argument("--in-channels", type=positive_int, default=3,
+                   help="input channels (3 for colour images, 1 for grey)")
+    p.add_argument("--num-classes", type=classes, default=10, help="output classes")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,15 +62,27 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="Exit status: 0 pass, 1 below a threshold or diverged, 2 bad "
                                        "flags.")
     add_network_arguments(p, width_mult=0.125)
-    p.add_argument("--cost", choices=["ce", "mse"], default="ce")
-    p.add_argument("--perturbation", choices=PERTURBATIONS, default="nudge")
-    p.add_argument("--scheme", choices=SCHEMES, default="centered")
-    p.add_argument("--beta", type=positive_float, default=1e-3)
+    p.add_argument("--cost", choices=["ce", "mse"], default="ce",
+                   help="the output cost: cross-entropy or mean squared error")
+    p.add_argument("--perturbation", choices=PERTURBATIONS, default="nudge",
+                   help="how β acts on the output: nudge (β x cost added to the energy) or clamp "
+                        "(the output pulled towards the target; the paper's Eq. 8)")
+    p.add_argument("--scheme", choices=SCHEMES, default="centered",
+                   help="which nudged states EP contrasts: +β (forward), -β (backward), a random "
+                        "sign per example, or +β and -β (centered; the paper's Sec. 3.1)")
+    p.add_argument("--beta", type=positive_float, default=1e-3,
+                   help="the nudge strength |β|; the smaller, the closer EP is to backprop, down to "
+                        "the float precision")
     p.add_argument("--K", type=positive_int, default=None,
-                   help="nudge iterations (default: number of layers)")
-    p.add_argument("--rule", choices=RULES, default="mod-pgd")
-    p.add_argument("--order", choices=ORDERS, default="async")
-    p.add_argument("--alpha", type=unit_float, default=1.0)
+                   help="nudged-phase iterations, each a sweep over the layers (default: the "
+                        "number of layers, the paper's rule of thumb, Sec. 5.2)")
+    p.add_argument("--rule", choices=RULES, default="mod-pgd",
+                   help="the state update: mod-pgd (the paper's Eq. 20) or pgd (Eq. 19)")
+    p.add_argument("--order", choices=ORDERS, default="async",
+                   help="layer order within an iteration: async (even then odd layers, the paper's "
+                        "App. A.1) or sync (all layers at once)")
+    p.add_argument("--alpha", type=unit_float, default=1.0,
+                   help="step size of the state update; 1 is the paper's closed form (Eq. 17)")
     p.add_argument("--pool-routing", choices=POOL_ROUTINGS, default="free",
                    help="max-pool routing in the nudged phase: free (the free phase's winners "
                         "kept, as backprop) or nudged (each window's max recomputed); they differ "
@@ -79,9 +96,11 @@ def parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--data-root", default=None,
                    help="the data set's folder, as data.init_args.root in training")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                   help="floating-point precision of the network, the data and both gradients")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="examples in the batch")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seeds the weights, the random inputs and the random scheme's signs")
     p.add_argument("--min-cosine", type=real, default=MIN_COSINE,
                    help="fail (exit 1) if a tensor's cosine is below this; the default is met by "
                         "float64 centered EP on the default network (default: %(default)s)")

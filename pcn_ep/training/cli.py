@@ -28,7 +28,7 @@ import jsonargparse
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -47,19 +47,65 @@ PROG = "python -m pcn_ep"
 SUBCOMMANDS = ("fit", "validate", "test")
 DEFAULT_CONFIG = files("pcn_ep") / "configs" / "quickstart.yaml"
 HELP = ("-h", "--help")
+# --help: what each command does, and the headings of its sections (Lightning's and jsonargparse's
+# would be the first lines of their docstrings)
+DESCRIPTIONS = {
+    "fit": "Train a PCN with equilibrium propagation (EP) or backprop, as the config says; without "
+           "--config, the embedded quickstart (a small VGG5 on scikit-learn's digits). The default "
+           "shown for each flag is the config's value.",
+    "validate": "Evaluate a checkpoint (--ckpt_path) on the validation split.",
+    "test": "Evaluate a checkpoint (--ckpt_path) on the test split.",
+}
+GROUP_TITLES = {
+    "trainer": "trainer (Lightning's Trainer: devices, precision, epochs, loggers, callbacks)",
+    "model": "model (the PCN and how it learns: EP or backprop, the nudged phase, SGD)",
+    "data": "data (the data set: a data module and its settings; --data.help CLASS lists them)",
+    "fit": "checkpoint (a run to resume)",
+    "validate": "checkpoint (the weights to evaluate)",
+    "test": "checkpoint (the weights to evaluate)",
+}
+CKPT_PATH_HELP = {
+    "fit": "resume a run: a checkpoint file, or ``last`` (the run folder's checkpoints/last.ckpt; "
+           "with none yet, training starts from the beginning). null: train from the network "
+           "the config initializes.",
+    "evaluate": "the weights to evaluate: a checkpoint file, ``last`` (the run folder's "
+                "checkpoints/last.ckpt) or ``best`` (the best checkpoint that last.ckpt records). "
+                "null: the network as the config initializes it, untrained.",
+}
+SEED_HELP = ("the seed of everything random (initial weights, data order and augmentation, the "
+             "random scheme's signs); the configs also name the run folder after it "
+             "(runs/CONFIG/seedS). true: a random seed.")
+
+
+class PCNArgumentParser(LightningArgumentParser):
+    """Lightning's parser, named ``python -m pcn_ep COMMAND`` from the start: jsonargparse builds
+    the parser of ``--model.network.help CLASS`` as ``type(parser)(...)``, whose usage line would
+    otherwise name ``__main__.py``."""
+
+    command = ""  # the subcommand being run (PCNCLI sets it)
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("prog", f"{PROG} {self.command}".rstrip())
+        super().__init__(*args, **kwargs)
+
+
 
 
 class PCNCLI(LightningCLI):
     def __init__(self, args: list[str], run: bool = True) -> None:
         jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         parser_kwargs = {"allow_abbrev": False, "exit_on_error": False, "parser_mode": "omegaconf+"}
-        if run and args and args[0] in SUBCOMMANDS and any(a in HELP for a in args):
+        parser_kwargs.update({name: {"description": text} for name, text in DESCRIPTIONS.items()})
+        PCNArgumentParser.command = args[0] if args and args[0] in SUBCOMMANDS else ""
+        self.help_asked = bool(run and args and args[0] in SUBCOMMANDS and any(a in HELP for a in args))
+        if self.help_asked:
             # --help then shows the values of the config files given, not the classes' defaults
-            parser_kwargs[args[0]] = {"default_config_files": config_paths(args)}
+            parser_kwargs[args[0]]["default_config_files"] = config_paths(args)
         try:
             super().__init__(
                 PCNEPModule,
                 L.LightningDataModule,
+                parser_class=PCNArgumentParser,
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={"plugins": [{"class_path": "pcn_ep.training.callbacks.AtomicCheckpointIO"}],
@@ -83,6 +129,8 @@ class PCNCLI(LightningCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         for name, parser in getattr(self, "_subcommand_parsers", {}).items():
             parser.prog = f"{PROG} {name}"  # jsonargparse would say "PROG [options] fit"
+            if name in SUBCOMMANDS:
+                describe(parser, name, with_config_values=self.help_asked)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -146,6 +194,24 @@ class PCNCLI(LightningCLI):
         for logger in trainer.loggers if trainer is not None else []:
             if isinstance(logger, WandbLogger):  # Lightning's own too
                 PCNWandbLogger.close(logger, status)
+
+
+def describe(parser: LightningArgumentParser, command: str, with_config_values: bool) -> None:
+    """``--help`` in pcn_ep's words: section headings, ``--ckpt_path`` and ``--seed_everything``
+    as this package reads them, and, when the help shows the config's values, no flag called
+    "required" that the config sets (``--model.network``)."""
+    for key, group in parser.groups.items():
+        group.title = GROUP_TITLES.get(key, group.title)
+    for action in parser._actions:
+        if action.dest == "ckpt_path":
+            action.help = CKPT_PATH_HELP["fit" if command == "fit" else "evaluate"]
+        elif action.dest == "seed_everything":
+            action.help = SEED_HELP
+    if with_config_values:
+        defaults = parser.get_defaults()
+        for action in parser._actions:
+            if action.required and defaults.get(action.dest) is not None:
+                action.required = False
 
 
 def check_run_folders(trainer: L.Trainer) -> None:

@@ -41,17 +41,17 @@ class PCNEPModule(L.LightningModule):
         scheme: which nudged states EP contrasts: ``forward`` (+β), ``backward`` (−β), ``random``
             (a sign per example) or ``centered`` (+β and −β).
         beta: the nudge strength |β| > 0 (EP only).
-        K: nudged-phase iterations, each a sweep over the layers (spec §3.4: about the number of
-            layers).
+        K: nudged-phase iterations, each a sweep over the layers (about the number of
+            layers: the paper's rule of thumb, Sec. 5.2).
         rule: the state update: ``mod-pgd`` (the paper's) or ``pgd``.
         order: layer traversal: ``async`` (even then odd layers, the paper's) or ``sync`` (all at once).
         alpha: step size of the state update; 1 is the closed form.
         pool_routing: max-pool routing in the nudged phase: ``free`` (the free phase's winners kept,
             as backprop's derivative does; README: why it is the default) or ``nudged`` (each
-            window's max recomputed, the literal reading of spec Eq. 17).
+            window's max recomputed, the literal reading of the paper's Eq. 17).
         lr: SGD learning rate (the same for every layer unless ``layer_lrs`` is set).
-        momentum: SGD momentum (spec §6: 0.9).
-        nesterov: Nesterov momentum (spec §6: on).
+        momentum: SGD momentum (the paper's Tables 7-8: 0.9).
+        nesterov: Nesterov momentum (the paper's Tables 7-8: on).
         weight_decay: SGD weight decay (L2).
         t_max: epochs of cosine annealing from ``lr`` to ``eta_min``; null: ``trainer.max_epochs``.
         eta_min: the learning rate at the end of the cosine schedule.
