@@ -329,10 +329,11 @@ def test_the_fidelity_monitor_gets_its_own_figure_and_table_for_ep_cells(tmp_pat
     assert "Gradient fidelity" not in (tmp_path / "plain_out" / "table_costs.md").read_text()
 
 
-def test_nothing_on_a_smoke_figure_is_cut_off_and_one_epoch_curves_show(tmp_path):
+def test_nothing_on_a_smoke_figure_is_cut_off_and_one_epoch_fidelity_is_a_dot_per_cell(tmp_path):
     """Found in the smoke report: the banner ran past a one-heat-map figure's edges, the 24-cell
     fidelity legend past both sides, and a one-epoch fidelity curve (a line of one point) was
-    invisible on an axis ticked 0.945, 0.960, …"""
+    invisible on an axis ticked 0.945, 0.960, …; then (issue 25) 24 one-point "curves" in
+    repeating colours: one check epoch is now a row per cell, named on the row."""
     def inside(fig):
         fig.canvas.draw()
         renderer, box = fig.canvas.get_renderer(), fig.bbox
@@ -352,7 +353,11 @@ def test_nothing_on_a_smoke_figure_is_cut_off_and_one_epoch_curves_show(tmp_path
     fig = report.build_fidelity_figure("table_schemes", runs, report.summarize(runs), smoke=True)
     inside(fig)
     assert report.SMOKE_BANNER in _texts(fig)
+    names = [", ".join(f"{k}={v}" for k, v in c.labels.items())
+             for c in tables.TABLES["table_schemes"].cells()]
+    assert not fig.legends
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == names   # the rows they share
     for ax in fig.axes:
-        assert all(line.get_marker() not in ("None", "", None) for line in ax.lines)
-        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        assert ticks == [1.0], ticks   # epochs counted from 1
+        (dots,) = ax.lines
+        assert dots.get_marker() == "o" and list(dots.get_ydata()) == list(range(24))
+        assert ax.get_title() == "checked in epoch 1"   # epochs counted from 1

@@ -47,13 +47,23 @@ def results(tmp_path):
     return root, tmp_path / "out"
 
 
+def _reported(root):
+    """The tables and the kind of ``root``'s report, as ``report --publish`` passes them on."""
+    smoke, tables_ = report.reported(root)
+    return tables_, smoke
+
+
+def _specification(root, out, **kw):
+    return wandb_report.specification(root, out, *_reported(root), **kw)
+
+
 def _grids(blocks):
     return [b for b in blocks if isinstance(b, wr.PanelGrid)]
 
 
 def test_one_section_per_table_with_our_numbers_beside_the_papers(results):
     root, out = results
-    spec = wandb_report.specification(root, out, project="pcn-ep")
+    spec = _specification(root, out, project="pcn-ep")
     assert [s["table"] for s in spec["sections"]] == ["table_beta_K", "table_costs"]  # paper order
     built = wandb_report.build_report(spec, entity="lab", figures_run="run123")
     assert built.project == "pcn-ep" and built.entity == "lab"
@@ -69,7 +79,7 @@ def test_one_section_per_table_with_our_numbers_beside_the_papers(results):
 
 def test_run_sets_select_the_tables_group_as_reproduce_logs_it(results, tmp_path):
     root, out = results
-    built = wandb_report.build_report(wandb_report.specification(root, out), "lab", "run123")
+    built = wandb_report.build_report(_specification(root, out), "lab", "run123")
     runsets = [g.runsets[0] for g in _grids(built.blocks) if g.runsets[0].name != "figures"]
     assert [r.name for r in runsets] == ["table_beta_K", "table_costs"]
     for runset in runsets:
@@ -85,7 +95,7 @@ def test_run_sets_select_the_tables_group_as_reproduce_logs_it(results, tmp_path
 
 def test_panels_draw_the_error_curves_the_beta_K_grid_and_the_figures(results):
     root, out = results
-    built = wandb_report.build_report(wandb_report.specification(root, out), "lab", "run123")
+    built = wandb_report.build_report(_specification(root, out), "lab", "run123")
     beta_k, figure_bk, costs, figure_costs = _grids(built.blocks)
     heat, curve = beta_k.panels[:2]
     assert isinstance(heat, wr.ScatterPlot)
@@ -106,7 +116,7 @@ def test_panels_draw_the_error_curves_the_beta_K_grid_and_the_figures(results):
             [expr.Metric("ID") == "run123"]
         assert (out / f"{table}.png").is_file() and (out / f"{table}_fidelity.png").is_file()
     # Before the figures are logged to a run there is nothing to point a media panel at.
-    unpublished = wandb_report.build_report(wandb_report.specification(root, out), "lab")
+    unpublished = wandb_report.build_report(_specification(root, out), "lab")
     assert not any(isinstance(p, wr.MediaBrowser) for g in _grids(unpublished.blocks) for p in g.panels)
 
 
@@ -115,7 +125,7 @@ def test_a_smoke_report_selects_smoke_runs_and_says_so(tmp_path):
     _record(root / "a", "fig_init_gain", {"output_gain": 0.2, "method": "ep"}, 0, 0.4, smoke=True)
     _record(root / "e", "fig_energy", {"model": "vgg10"}, 0, 0.9, smoke=True)
     report.write_report(root, tmp_path / "out")
-    spec = wandb_report.specification(root, tmp_path / "out")
+    spec = _specification(root, tmp_path / "out")
     assert spec["smoke"] and report.SMOKE_BANNER in spec["description"]
     gain, energy = spec["sections"][1], spec["sections"][0]
     assert "Config(\"smoke\") == True" in gain["runset"]["filters"]
@@ -134,7 +144,7 @@ def test_publish_without_a_key_writes_the_specification_and_says_so_in_one_line(
     spec_path = out / "wandb_report.json"
     assert str(spec_path) in line and "wandb sync" in line and "--publish" in line
     spec = json.loads(spec_path.read_text())
-    assert spec == json.loads(json.dumps(wandb_report.specification(root, out)))
+    assert spec == json.loads(json.dumps(_specification(root, out)))
     assert not (out / "wandb").exists()   # nothing was logged
 
 
@@ -147,9 +157,9 @@ def test_a_key_without_network_falls_back_to_the_specification(results, monkeypa
 
     monkeypatch.setattr("pcn_ep.training.loggers.wandb_offline", lambda: False)
     monkeypatch.setattr(wandb_report, "publish", unreachable)
-    line, code = wandb_report.publish_or_describe(root, out, None, None, "pcn-ep")
+    line, code = wandb_report.publish_or_describe(root, out, *_reported(root), "pcn-ep")
     assert code == 0 and "could not reach W&B (ConnectionError: no route to host)" in line
     assert "\n" not in line and (out / "wandb_report.json").is_file()
     monkeypatch.setattr(wandb_report.importlib.util, "find_spec", lambda name: None)
-    line, code = wandb_report.publish_or_describe(root, out, None, None, "pcn-ep")
+    line, code = wandb_report.publish_or_describe(root, out, *_reported(root), "pcn-ep")
     assert code == 1 and line.startswith("pcn_ep: error:") and "pcn-ep[wandb-report]" in line

@@ -53,10 +53,12 @@ from pathlib import Path
 import yaml
 
 from ..commandline import CommandParser
+from .results import (CURVES, FIDELITY, MARKER, READ_ERRORS, SMOKE_BANNER, Unreadable,
+                      curve_metrics, output_path, read_file as _read, root_kind, show as _show,
+                      title_of, warn, why as _why, words)
 from .tables import TABLES
 
 METRICS = ("test/top1_error", "test/top5_error")
-MARKER = ".pcn_ep-results.json"   # reproduce writes it in each results root: {"smoke": bool}
 STATUSES = ("ok", "diverged", "failed")
 STATES = STATUSES + ("stopped", "running", "unknown")   # what a Run's status may be
 # A name read from a file that may become part of a file name: no separator, no leading dot.
@@ -64,36 +66,6 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]{0,99}")
 # The labels a table's figure indexes (heat-map axes, bar groups): a run lacking one is skipped.
 FIGURE_LABELS = {"table_beta_K": ("beta", "K"), "fig_traversal": ("K", "alpha"),
                  "table_schemes": ("scheme", "method")}
-
-
-class Unreadable(ValueError):
-    """A run's file that cannot be read as a run: the run is skipped with a warning naming it."""
-
-
-def warn(message: str) -> None:
-    print(f"pcn_ep: warning: report: {message}".replace("\n", "\\n"), file=sys.stderr)
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _why(err: Exception) -> str:
-    """One line on what is wrong with a file."""
-    if isinstance(err, OSError):
-        return err.strerror or type(err).__name__
-    if isinstance(err, UnicodeDecodeError):
-        return "not UTF-8 text"
-    if isinstance(err, json.JSONDecodeError):
-        return f"not JSON ({err})"
-    if isinstance(err, RecursionError):
-        return "nested too deeply"
-    return str(err)
-
-
-# What reading one run's files may raise; read_runs turns each into a warning and skips the run.
-READ_ERRORS = (OSError, ValueError, csv.Error, RecursionError)
 
 
 @dataclass
@@ -188,14 +160,6 @@ def checked(run: Run) -> Run:
     if not isinstance(run.smoke, bool):
         raise Unreadable(f"smoke {_show(run.smoke)} is not true or false")
     return run
-
-
-def _read(path: Path, binary: bool = False):
-    """A file's content. Only a regular file is read: a FIFO or device in its place would block
-    the report, a folder would fail it."""
-    if not path.is_file():
-        raise Unreadable(f"{path} is not a regular file")
-    return path.read_bytes() if binary else path.read_text(encoding="utf-8")
 
 
 def _numbers(values, n: int | None = None) -> bool:
@@ -430,22 +394,6 @@ def read_runs(results: Path, warn=warn) -> list[Run]:
     return [r for r in runs if r is not None]
 
 
-def root_kind(results: Path, warn=warn) -> bool | None:
-    """What ``reproduce`` wrote the root for: True smoke, False real, None unmarked (or a marker
-    that is not reproduce's, with a warning: the runs' own smoke flags then decide)."""
-    marker = results / MARKER
-    if not marker.exists():
-        return None
-    try:
-        kind = json.loads(_read(marker))
-    except READ_ERRORS as err:
-        kind = _why(err)
-    if isinstance(kind, dict) and isinstance(kind.get("smoke"), bool):
-        return kind["smoke"]
-    warn(f"{marker}: not reproduce's marker ({_show(kind)}); the runs' own smoke flags decide")
-    return None
-
-
 def split_kind(runs: list[Run], smoke: bool | None) -> tuple[bool, list[Run], list[Run]]:
     """(smoke?, the runs reported, the runs of the other kind left out). ``smoke=None``: a real
     report as soon as there is one real run, else a smoke report."""
@@ -499,36 +447,48 @@ def summarize(runs: list[Run]) -> dict[tuple, dict]:
     return cells
 
 
-SMOKE_BANNER = ("SMOKE RUNS (--smoke: digits, 1/16-width nets, 2 epochs): a pipeline check, "
-                "not comparable with the paper's numbers")
-WORDS = {"val/top1_error": "Validation top-1 error (%)", "val/top5_error": "Validation top-5 error (%)",
-         "train/error": "Training error (%)", "test/top1_error": "Test top-1 error (%)",
-         "test/top5_error": "Test top-5 error (%)", "beta": "β (nudge strength)",
-         "K": "K (nudge iterations)", "alpha": "α (update step)", "scheme": "Finite-difference scheme",
-         "method": "Method", "dataset": "Data set", "order": "Traversal", "cost": "Cost",
-         "output_gain": "Output-layer init gain", "batch_size": "Batch size", "model": "Network",
-         "rule": "Rule", "fidelity/min_cosine": "Gradient cosine, EP vs backprop (worst tensor)",
-         "fidelity/max_rel_err": "Relative error, EP vs backprop (worst tensor)"}
-# What the GradientFidelity callback logs that the report draws (pcn_ep/training/fidelity.py).
-FIDELITY = ("fidelity/min_cosine", "fidelity/max_rel_err")
+PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's final test number
 FIDELITY_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity) per epoch, the mean of "
                     "its checks in that epoch: the worst parameter tensor's cosine and relative "
                     "error between EP's gradient estimate and backprop's gradient on the same batch "
-                    "and weights (1 and 0 are exact).")
-PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's final test number
-# Training-curve figures: (panel per value of this label, metrics plotted); the default is one
-# panel each for validation top-1 and top-5.
-CURVES = {"table_costs": ("dataset", ("val/top1_error",)),
-          "table_pgd": ("dataset", ("val/top1_error",)),
-          "fig_batch_size": (None, ("val/top1_error", "train/error"))}
+                    "and weights (1 and 0 are exact; the axes span at least 0.99–1 and 0–0.1).")
+FIDELITY_DOTS_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity), one row per EP "
+                         "cell: every run was checked in one epoch only, so a dot (the mean of its "
+                         "checks, mean over seeds), not a curve: the worst parameter tensor's cosine "
+                         "and relative error between EP's gradient estimate and backprop's gradient "
+                         "on the same batch and weights (1 and 0 are exact; the axes span at least "
+                         "0.99–1 and 0–0.1, so that equal values look equal).")
+def _network(energy: dict) -> str:
+    """The network ``pcn_ep energy`` evaluated: a checkpoint's, or the one at initialization."""
+    ckpt = energy.get("checkpoint")
+    if isinstance(ckpt, str) and ckpt:
+        return f"the checkpoint {_show(Path(ckpt).name)}"
+    return "at initialization (untrained: reproduce's --energy-ckpt gives a trained one)"
 
 
-def words(key: str) -> str:
-    return WORDS.get(key, key)
+def _images(energy: dict) -> str:
+    n = energy.get("images")
+    return f"{n} validation images" if type(n) is int else "the first validation images"
 
 
-def title_of(table: str) -> str:
-    return TABLES[table].title if table in TABLES else table
+def smoke_banner(table: str, runs: list[Run]) -> str:
+    """What a smoke table ran, on its figure and above its Markdown. Fig. 8's energy tool trains
+    nothing: its banner names the network and the images, not training epochs."""
+    energy = next((r.energy for r in runs if r.energy), None)
+    if table != "fig_energy" or energy is None:
+        return SMOKE_BANNER
+    ckpt = "at initialization" if "initialization" in _network(energy) else "from a checkpoint"
+    return (f"SMOKE RUN (--smoke: a 1/16-width VGG10 {ckpt}, "
+            f"{_images(energy)} of the digits, no training): a pipeline check, not comparable "
+            "with the paper's numbers")
+
+
+def energy_run(energy: dict) -> str:
+    """Fig. 8's Markdown: what was run, in place of the test errors the other tables give."""
+    return (f"Ran: `pcn_ep energy` on {_images(energy)}, the network {_network(energy)}, "
+            f"β = ±{energy['beta']}, K = 0..{energy['K'][-1]} nudge iterations (K of training = "
+            f"{energy['K_config']}). No training and no test error: the table gives the mean F "
+            "at K = 0 and at K of training, and ΔF = F(K of training) − F(0).")
 
 
 def caption(table: str, paper: dict, smoke: bool = False) -> str:
@@ -538,12 +498,14 @@ def caption(table: str, paper: dict, smoke: bool = False) -> str:
     if table == "table_schemes":
         return "Figure: final test top-1 error (%) per scheme and method, mean ± std over seeds."
     if table == "fig_energy":
-        return "Figure: F = E + βC against the nudge iteration K, per image (grey) and their mean."
-    metrics = CURVES.get(table, (None, ("val/top1_error", "val/top5_error")))[1]
+        return ("Figure: F = E + βC against the nudge iteration K, per image (grey) and their "
+                "mean; where images give the same curve, the panel's title says how many show.")
+    metrics = curve_metrics(table)
     split = ("smoke runs validate on a held-out split of the digits" if smoke
              else "the paper's configs validate on the test split, val_size 0")
-    text = (f"Figure: {' and '.join(words(m).lower() for m in metrics)} per epoch (lines, BP "
-            f"dashed; {split}); ◆ the final test error of this table")
+    text = (f"Figure: {' and '.join(words(m).lower() for m in metrics)} per epoch (lines; BP "
+            f"dashed, wide and under EP, so that EP shows where they coincide; {split}); ◆ the "
+            "final test error of this table (BP's hollow)")
     if paper.get(table, {}).get("rows"):
         text += "; dotted lines: the paper's final test error"
     return text + "."
@@ -554,9 +516,11 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool 
     info = paper.get(table, {})
     lines = [f"# {title_of(table)}", ""]
     if smoke:
-        lines += [f"**{SMOKE_BANNER}.**", ""]
-    lines += [f"Paper: {info.get('source', 'n/a')}. Test error in %, mean ± std over the seeds whose "
-              "run ended ok; NaN = diverged.", "", caption(table, paper, smoke)]
+        lines += [f"**{smoke_banner(table, runs)}.**", ""]
+    energy = [r.energy for r in runs if r.energy]
+    what = (energy_run(energy[0]) if energy and len(energy) == len(runs) else
+            "Test error in %, mean ± std over the seeds whose run ended ok; NaN = diverged.")
+    lines += [f"Paper: {info.get('source', 'n/a')}. {what}", "", caption(table, paper, smoke)]
     if left_out:
         other = "real" if smoke else "smoke"
         lines += ["", f"Left out: {left_out} {other} run(s) found under the same folder (smoke and "
@@ -577,7 +541,8 @@ def markdown(table: str, runs: list[Run], cells: dict, paper: dict, smoke: bool 
             lines.append("| " + " | ".join(row) + " |")
     for run in runs:
         if run.energy:
-            lines += ["", "| curve | F(K=0) | F(K=K_config) | ΔF |", "|---|---|---|---|"]
+            lines += ["", f"| curve | F(K=0) | F(K={run.energy['K_config']}, training's) | ΔF |",
+                      "|---|---|---|---|"]
             for name, c in run.energy["curves"].items():
                 k = min(run.energy["K_config"], len(c["mean"]) - 1)
                 lines.append(f"| {name} | {c['mean'][0]:.4g} | {c['mean'][k]:.4g} | "
@@ -609,24 +574,33 @@ def has_fidelity(runs: list[Run]) -> bool:
 
 def _fidelity_lines(table: str, cells: dict) -> list[str]:
     """The fidelity monitor's worst cosine and relative error in the first and last epoch it
-    checked, per EP cell (mean over the runs that ended ok or diverged)."""
-    rows = []
+    checked, per EP cell (mean over the runs that ended ok or diverged). A cell checked in one
+    epoch has one value, not a first and a last."""
+    rows, twice = [], any(_checked(c) > 1 for c in cells.values())
     for cell in cells.values():
-        runs = [r for r in cell["runs"] if r.status in ("ok", "diverged")
-                and all(m in r.curves for m in FIDELITY)]
-        if not runs:
+        points = {m: _points(cell, m) for m in FIDELITY}
+        epochs = sorted(points[FIDELITY[0]])
+        if not epochs or not all(points.values()):
             continue
-        values = [statistics.mean(list(r.curves[metric].values())[end] for r in runs)
-                  for metric in FIDELITY for end in (0, -1)]
+        ends = (epochs[0], epochs[-1]) if twice else (epochs[0],)
+        values = [f"{statistics.mean(points[m][e]):.4f}" if e in points[m] else "—"
+                  for m in FIDELITY for e in ends]
+        if twice and len(epochs) == 1:   # one check epoch: no "last" to give
+            values[1::2] = ["—"] * len(FIDELITY)
         rows.append("| " + ", ".join(f"{k}={v}" for k, v in cell["labels"].items()) + " | "
-                    + " | ".join(f"{v:.4f}" for v in values) + " |")
+                    + ", ".join(str(e + 1) for e in epochs) + " | " + " | ".join(values) + " |")
     if not rows:
         return []
-    return ["", f"Gradient fidelity during training ({table}_fidelity.png): EP's gradient against "
-            "backprop's on the same batch and weights, the worst parameter tensor, mean of the "
-            "checks in the first and the last epoch, mean over seeds.", "",
-            "| cell | cosine (first epoch) | cosine (last epoch) | rel. error (first epoch) | "
-            "rel. error (last epoch) |", "|---|---|---|---|---|", *rows]
+    text = (f"Gradient fidelity during training ({table}_fidelity.png): EP's gradient against "
+            "backprop's on the same batch and weights, the worst parameter tensor, mean over seeds")
+    if not twice:
+        return ["", text + ", mean of the checks (every run was checked in one epoch only).", "",
+                "| cell | epoch checked | cosine | rel. error |", "|---|---|---|---|", *rows]
+    return ["", text + ", mean of the checks in the first and the last epoch checked (—: checked "
+            "in one epoch only).", "",
+            "| cell | epochs checked | cosine (first epoch) | cosine (last epoch) | "
+            "rel. error (first epoch) | rel. error (last epoch) |", "|---|---|---|---|---|---|",
+            *rows]
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -673,7 +647,9 @@ def _bars(ax, cells: dict, x: str, hue: str, title: str | None) -> None:
             errs.append(statistics.stdev(v) if len(v) > 1 else 0)
         ax.bar([j + i * width for j in range(len(x_values))], means, width, yerr=errs, label=h)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(x_values))], x_values)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)   # headroom for the legend
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, top * 1.45)   # headroom for the legend, without ticks above the data's own
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= top])
     ax.set_xlabel(words(x))
     ax.set_ylabel(words("test/top1_error"))
     if title:
@@ -682,18 +658,33 @@ def _bars(ax, cells: dict, x: str, hue: str, title: str | None) -> None:
               ncol=len(hues))
 
 
+def _distinct(curves: list[list[float]]) -> int:
+    """How many of the curves can be told apart: equal to 1/200 of their range (about a pixel of
+    a panel), two curves are drawn on the same pixels."""
+    low, high = min(map(min, curves)), max(map(max, curves))
+    span = (high - low) or 1.0
+    return len({tuple(round(200 * (v - low) / span) for v in c) for c in curves})
+
+
 def _energy(axes, run: Run) -> None:
-    """One panel per rule and sign of β, as Fig. 8: F(K) per image (thin) and their mean."""
+    """One panel per rule and sign of β, as Fig. 8: F(K) per image (thin) and their mean; a panel
+    where images give the same curve says how many curves show. K counts whole iterations, so do
+    its ticks. The legend goes below the panels (``_legend``), off the curves."""
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (name, c) in zip(axes.flat, run.energy["curves"].items()):
-        for per_image in c["per_image"]:
-            ax.plot(run.energy["K"], per_image, color="gray", alpha=0.4, lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        n, distinct = len(c["per_image"]), _distinct(c["per_image"])
+        for j, per_image in enumerate(c["per_image"]):
+            ax.plot(run.energy["K"], per_image, color="gray", alpha=0.4, lw=0.8,
+                    label=None if j else "each image (grey)")
         ax.plot(run.energy["K"], c["mean"], color="tab:blue", lw=2, label="mean over images")
         ax.axvline(run.energy["K_config"], color="tab:red", lw=0.8, label="K of training")
         rule, sign = name.split("/")
-        ax.set_title(f"{rule}, β = {sign}{run.energy['beta']}")
+        shown = f" ({distinct} distinct curves of {n} images)" if distinct < n else ""
+        ax.set_title(f"{rule}, β = {sign}{run.energy['beta']}{shown}")
         ax.set_xlabel("Nudge iteration K")
         ax.set_ylabel("F = E + βC")
-        ax.legend(fontsize=10)
 
 
 def _paper_value(rows: list, labels: dict, key: str) -> float | None:
@@ -702,46 +693,85 @@ def _paper_value(rows: list, labels: dict, key: str) -> float | None:
     return value[0] if isinstance(value, list) else value
 
 
-def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = None) -> None:
-    """One line per cell (BP dashed); ◆ the cell's final test error at its last epoch, the paper's
-    final test error as a dotted line in the cell's colour. Errors are drawn in %, fidelity/*
-    (cosines, relative errors) as logged."""
+# A cell's look in a curve figure: colour C{i % 10}, marker MARKERS[i // 10], so no two of up to
+# 60 cells look alike (Table 6's figure has 24). "D" is kept for the final test error.
+MARKERS = ("o", "s", "^", "v", "P", "X")
+
+
+def _look(i: int, labels: dict) -> dict:
+    """How cell ``i`` is drawn. BP goes under EP, dashed, wide and half transparent, with hollow
+    markers a size larger: where EP's curve coincides with BP's (Fig. 3: they often do), EP's line
+    and markers stay visible inside BP's."""
+    look = {"color": f"C{i % 10}", "marker": MARKERS[i // 10 % len(MARKERS)]}
+    if labels.get("method") == "bp":
+        return {**look, "ls": "--", "lw": 3.2, "alpha": 0.55, "ms": 8, "mfc": "none", "mew": 1.6,
+                "zorder": 2}
+    return {**look, "ls": "-", "lw": 1.5, "ms": 4.5, "zorder": 3}
+
+
+def _points(cell: dict, metric: str) -> dict:
+    """{epoch: [value per run]} of a cell's runs that ended ok or diverged; errors in %."""
+    points: dict = defaultdict(list)
+    for run in cell["runs"]:
+        if run.status in ("ok", "diverged"):
+            for epoch, v in run.curves.get(metric, {}).items():
+                points[epoch].append(v if metric in FIDELITY else 100 * v)
+    return points
+
+
+def _fidelity_range(ax, metric: str, values: list[float], axis: str = "y") -> None:
+    """A fidelity axis spans at least 0.99–1 (cosine) or 0–0.1 (relative error): autoscaled to
+    0.99986–0.99996, equal values would look far apart."""
+    if not values:
+        return
+    if metric == "fidelity/min_cosine":
+        low, high = min(min(values), 0.99), 1.0
+    else:
+        low, high = 0.0, max(max(values), 0.1)
+    pad = 0.06 * (high - low)
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(low - pad, high + pad)
+
+
+def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = None) -> list:
+    """One line per cell (``_look``: BP dashed, under EP); ◆ the cell's final test error at its
+    last epoch (BP's hollow and larger), the paper's final test error as a dotted line in the
+    cell's colour. Errors are drawn in %, fidelity/* (cosines, relative errors) as logged."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    key, finals, papers, last = PAPER_KEY.get(metric), False, False, 0
+    key, finals, papers, last, drawn = PAPER_KEY.get(metric), False, False, 0, []
     for i, c in enumerate(cells.values()):
-        points: dict = defaultdict(list)
-        for run in c["runs"]:
-            if run.status not in ("ok", "diverged"):
-                continue
-            for epoch, v in run.curves.get(metric, {}).items():
-                points[epoch].append(v if metric in FIDELITY else 100 * v)
+        points = _points(c, metric)
         if not points:
             continue
-        epochs, color = sorted(points), f"C{i % 10}"
+        epochs, look = sorted(points), _look(i, c["labels"])
         xs = [e + 1 for e in epochs]  # epoch 1 is the first
         label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
-        style = "--" if c["labels"].get("method") == "bp" else "-"
-        ax.plot(xs, [statistics.mean(points[e]) for e in epochs], style, color=color, lw=1.8,
-                marker="o", ms=4, label=label)   # a marker: a one-epoch curve is still seen
+        ys = [statistics.mean(points[e]) for e in epochs]
+        ax.plot(xs, ys, label=label, **look)   # a marker: a one-epoch curve is still seen
+        drawn += ys
         last = max(last, xs[-1])
         final = [v for v in c.get(key, []) if not math.isnan(v)] if key else []
         if final:
-            ax.plot(xs[-1], statistics.mean(final), "D", color=color, ms=7, mec="black")
+            bp = c["labels"].get("method") == "bp"
+            ax.plot(xs[-1], statistics.mean(final), "D", color=look["color"], ms=11 if bp else 7,
+                    mfc="none" if bp else look["color"], mec=look["color"] if bp else "black",
+                    mew=2 if bp else 1, zorder=look["zorder"] + 2)
             finals = True
         reference = _paper_value(paper_rows, c["labels"], key) if key else None
         if reference is not None:
-            ax.axhline(reference, color=color, ls=":", lw=1.6)
+            ax.axhline(reference, color=look["color"], ls=":", lw=1.6)
             papers = True
     ax.set_xlabel("Epoch")
     if last:   # whole epochs, a one-epoch curve in the middle
         ax.set_xlim(0.5, last + 0.5)
     # min_n_ticks=1: with its default 2, a range holding one integer falls back to 0.6, 0.7, …
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if metric in FIDELITY:
+        _fidelity_range(ax, metric, drawn)
     ax.set_ylabel(words(metric))
     return ([Line2D([], [], color="gray", marker="D", ls="none", mec="black",
-                    label="final test error (the table)")] * finals
+                    label="final test error (the table; BP's hollow)")] * finals
             + [Line2D([], [], color="gray", ls=":", lw=1.6, label="the paper's final test error")]
             * papers)
 
@@ -810,10 +840,11 @@ def build_figure(table: str, runs: list[Run], cells: dict, paper: dict | None = 
             return None
         fig, axes = plt.subplots(2, 2, figsize=(11, 8))
         _energy(axes, run)
+        bottom = _legend(fig, axes.flat, []) or bottom
     else:
         if not any(r.curves for r in runs):
             return None
-        facet, metrics = CURVES.get(table, (None, ("val/top1_error", "val/top5_error")))
+        facet, metrics = CURVES.get(table, (None, None))[0], curve_metrics(table)
         metrics = [m for m in metrics if any(m in r.curves for r in runs)] or metrics[:1]
         groups = _facets(cells, facet)
         panels = [(name, group, m) for name, group in groups.items() for m in metrics]
@@ -825,12 +856,19 @@ def build_figure(table: str, runs: list[Run], cells: dict, paper: dict | None = 
             if facet:
                 ax.set_title(f"{words(facet)}: {name}")
         bottom = _legend(fig, axes.flat, extra) or bottom
-    return _finish(fig, axes, title_of(table), caption(table, paper, smoke), smoke, bottom)
+    return _finish(fig, axes, title_of(table), caption(table, paper, smoke),
+                   smoke and smoke_banner(table, runs), bottom)
+
+
+def _checked(cell: dict) -> int:
+    """How many epochs of the cell's runs the fidelity monitor checked."""
+    return len(_points(cell, FIDELITY[0]))
 
 
 def build_fidelity_figure(table: str, runs: list[Run], cells: dict, smoke: bool = False):
     """The gradient-fidelity monitor's figure: worst-tensor cosine and relative error per epoch,
-    one line per EP cell; None when no run logged it."""
+    one line per EP cell; one dot per cell (``_dots``) when no cell was checked in two epochs, as
+    a line needs two points. None when no run logged it."""
     if not has_fidelity(runs):
         return None
     import matplotlib
@@ -838,22 +876,54 @@ def build_fidelity_figure(table: str, runs: list[Run], cells: dict, smoke: bool 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    checked = {k: c for k, c in cells.items() if _checked(c)}
+    if all(_checked(c) < 2 for c in checked.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(12.8, 2.8 + 0.3 * len(checked)), sharey=True,
+                                 squeeze=False)
+        for ax, metric in zip(axes.flat, FIDELITY):
+            _dots(ax, checked, metric)
+        return _finish(fig, axes, f"{title_of(table)}: gradient fidelity during training",
+                       FIDELITY_DOTS_CAPTION, smoke and SMOKE_BANNER, 0.8)
     fig, axes = plt.subplots(1, 2, figsize=(12.8, 4.6), squeeze=False)
     for ax, metric in zip(axes.flat, FIDELITY):
         _curves(ax, cells, metric, [])
     bottom = _legend(fig, axes.flat, []) or 0.45
     return _finish(fig, axes, f"{title_of(table)}: gradient fidelity during training",
-                   FIDELITY_CAPTION, smoke, bottom)
+                   FIDELITY_CAPTION, smoke and SMOKE_BANNER, bottom)
 
 
-def _finish(fig, axes, title: str, text: str, smoke: bool, bottom: float):
-    """Title (and smoke banner) above the panels, the caption below them; empty panels hidden.
-    ``bottom``: inches kept below the panels for the caption and legend."""
+def _dots(ax, cells: dict, metric: str) -> None:
+    """One row per cell, in the table's order: the mean of its checks over its runs, the value
+    written beside the dot (the cell is named on the row: no legend, no colours to tell apart)."""
+    names = [", ".join(f"{k}={v}" for k, v in c["labels"].items()) for c in cells.values()]
+    values = [statistics.mean(v for vs in _points(c, metric).values() for v in vs)
+              for c in cells.values()]
+    rows = range(len(values))
+    ax.plot(values, rows, "o", color="C0", ms=6, ls="none")
+    ax.set_yticks(list(rows), names, fontsize=9)
+    ax.set_ylim(len(values) - 0.5, -0.5)   # the first cell on top
+    ax.grid(axis="y", color="0.9")
+    _fidelity_range(ax, metric, values, axis="x")
+    low, high = ax.get_xlim()
+    for row, v in zip(rows, values):   # the value on the side with room
+        right = v < (low + high) / 2
+        ax.annotate(f"{v:.5f}" if metric == "fidelity/min_cosine" else f"{v:.4f}", (v, row),
+                    xytext=(7 if right else -7, 0), textcoords="offset points", va="center",
+                    ha="left" if right else "right", fontsize=8)
+    epochs = sorted({e + 1 for c in cells.values() for e in _points(c, metric)})
+    ax.set_title(f"checked in epoch {', '.join(map(str, epochs))}", fontsize=10)
+    ax.set_xlabel(words(metric))
+
+
+def _finish(fig, axes, title: str, text: str, banner: str | None, bottom: float):
+    """Title (and the smoke ``banner``) above the panels, the caption below them; empty panels
+    hidden. ``bottom``: inches kept below the panels for the caption and legend."""
     for ax in axes.flat:
         if not ax.has_data():
             ax.set_visible(False)
     height = fig.get_figheight()
-    banner = textwrap.fill(SMOKE_BANNER, _characters_across(fig, 12)) if smoke else ""
+    smoke = bool(banner)
+    banner = textwrap.fill(banner, _characters_across(fig, 12)) if smoke else ""
     top = 0.45 + 0.3 * (banner.count("\n") + 1) * smoke   # inches for the title (and the banner)
     fig.suptitle(title, fontsize=14, y=1 - 0.12 / height, va="top")
     if smoke:
@@ -899,17 +969,6 @@ def collect(results: Path, smoke: bool | None = None, warn=warn) -> tuple[bool, 
     return smoke, by_table, left_by_table
 
 
-def output_path(out: Path, name: str) -> Path:
-    """``out/name``, refused (``ValueError``) unless it resolves to a file directly inside ``out``:
-    names from run files are plain names already (``checked``); this also refuses a symlink planted
-    at the destination, which would make the report write wherever it points."""
-    path = out / name
-    if path.resolve().parent != out.resolve():
-        raise ValueError(f"{path} leads outside {out} (to {path.resolve()}); the report writes "
-                         "only inside --out")
-    return path
-
-
 def write_report(results: Path, out: Path, tables: list[str] | None = None,
                  smoke: bool | None = None) -> list[Path]:
     """Write TABLE.md, TABLE.png and (where EP runs logged the fidelity monitor)
@@ -936,6 +995,14 @@ def write_report(results: Path, out: Path, tables: list[str] | None = None,
             if png:
                 written.append(png)
     return written
+
+
+def reported(results: Path, tables: list[str] | None = None,
+             smoke: bool | None = None) -> tuple[bool, list[str]]:
+    """The kind and the tables of the report ``write_report`` makes of ``results`` (for
+    ``--publish``); quiet, as ``write_report`` already warned about the runs it skipped."""
+    smoke, by_table, _ = collect(results, smoke, warn=lambda message: None)
+    return smoke, list(tables or sorted(by_table))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -986,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
         from .wandb_report import publish_or_describe
 
         try:
-            line, code = publish_or_describe(args.results, args.out, args.tables, args.smoke,
+            smoke, tables = reported(args.results, args.tables, args.smoke)
+            line, code = publish_or_describe(args.results, args.out, tables, smoke,
                                              args.wandb_project)
         except (ValueError, OSError) as err:   # its specification refused, as the tables above
             line, code = f"pcn_ep: error: {err}", 1

@@ -43,11 +43,11 @@ import yaml
 
 from ..argtypes import nonneg_int, positive_int, seed as seed_number
 from ..commandline import CommandParser
+from .results import MARKER, root_kind
 from .tables import TABLES, Cell, Table
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-MARKER = ".pcn_ep-results.json"  # in each results root: {"smoke": bool}; report reads one root
 SLURM_CLUSTER = "slurm"           # submitit's executor for --launcher slurm ("local" in the tests)
 SIGNAL_DELAY_S = 120              # SLURM signals a job this long before its time limit
 REQUEUES = 100                    # time-outs a run may be requeued after (preemptions do not count)
@@ -432,8 +432,6 @@ def claim_root(out: Path, smoke: bool) -> str | None:
     """Mark ``out`` as a smoke or a real results root; an error line if it holds the other kind
     (the report reads one root, so smoke and real runs never mix)."""
     kind = "smoke" if smoke else "real"
-    from .report import root_kind
-
     marker = out / MARKER
     marked = root_kind(out, warn=lambda line: print(f"pcn_ep: warning: {line}", file=sys.stderr))
     kinds = {marked} if marked is not None else {

@@ -16,12 +16,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-from . import report
-from .reproduce import CONFIGS
+from .results import (CONFIGS, FIDELITY, SMOKE_BANNER, curve_metrics, output_path, title_of,
+                      words)
 from .tables import TABLES
 
 SPEC = "wandb_report.json"
-DEFAULT_CURVES = ("val/top1_error", "val/top5_error")
 
 
 def runs_in_wandb(table: str) -> bool:
@@ -41,12 +40,12 @@ def panels(table: str) -> list[dict]:
     and for Fig. 2 the runs over β × K with their final test error (a scatter panel over the runs,
     the error its third axis: W&B's built-in panels have no heat map; ours is the figure)."""
     found = [{"kind": "line",
-              "title": f"{report.words(metric).replace(' (%)', '')} per epoch (fraction)",
+              "title": f"{words(metric).replace(' (%)', '')} per epoch (fraction)",
               "x": "epoch", "y": metric}
-             for metric in report.CURVES.get(table, (None, DEFAULT_CURVES))[1]]
+             for metric in curve_metrics(table)]
     if logs_fidelity(table):
-        found += [{"kind": "line", "title": f"{report.words(metric)} per epoch", "x": "epoch",
-                   "y": metric} for metric in report.FIDELITY]
+        found += [{"kind": "line", "title": f"{words(metric)} per epoch", "x": "epoch",
+                   "y": metric} for metric in FIDELITY]
     if table == "table_beta_K":
         found.insert(0, {"kind": "grid", "title": "β × K: final test top-1 error (fraction)",
                          "x": "cell.beta", "y": "cell.K", "value": "test/top1_error"})
@@ -59,18 +58,16 @@ def run_filter(table: str, smoke: bool) -> str:
     return f"Metric(\"Group\") == '{table}' and Config(\"smoke\") == {smoke}"
 
 
-def specification(results: Path, out: Path, tables: list[str] | None = None,
-                  smoke: bool | None = None, project: str = "pcn-ep") -> dict:
+def specification(results: Path, out: Path, tables: list[str], smoke: bool,
+                  project: str = "pcn-ep") -> dict:
     """The Report as plain data, from the Markdown and figures ``write_report`` left in ``out``
-    (which already warned about the runs it skipped: they are skipped quietly here)."""
-    smoke, by_table, _ = report.collect(results, smoke, warn=lambda message: None)
-    chosen = [t for t in TABLES if t in (tables or by_table)]
+    for ``tables`` (those it reported: ``report.reported``) of the kind ``smoke``."""
     sections = []
-    for table in chosen:
+    for table in [t for t in TABLES if t in tables]:   # in the paper's order
         md = (out / f"{table}.md").read_text()
         png, fidelity_png = out / f"{table}.png", out / f"{table}_fidelity.png"
         sections.append({
-            "table": table, "title": report.title_of(table),
+            "table": table, "title": title_of(table),
             "markdown": md.split("\n", 1)[1].strip(),  # the title is the section's heading
             "runset": {"name": table, "project": project, "filters": run_filter(table, smoke)}
             if runs_in_wandb(table) else None,
@@ -80,7 +77,7 @@ def specification(results: Path, out: Path, tables: list[str] | None = None,
     kind = " (smoke runs)" if smoke else ""
     return {
         "title": f"pcn-ep: Kerjan, Høier & Scellier (2026), table by table{kind}",
-        "description": ((report.SMOKE_BANNER + ". ") if smoke else "")
+        "description": ((SMOKE_BANNER + ". ") if smoke else "")
         + "Our results beside the paper's; each section's panels show the table's W&B runs "
           "(group = the table).",
         "project": project, "smoke": smoke, "results": str(results), "sections": sections,
@@ -142,14 +139,14 @@ def publish(spec: dict, out: Path) -> str:
     return build_report(spec, entity, run_id).save().url
 
 
-def publish_or_describe(results: Path, out: Path, tables: list[str] | None, smoke: bool | None,
+def publish_or_describe(results: Path, out: Path, tables: list[str], smoke: bool,
                         project: str) -> tuple[str, int]:
-    """Write the specification; publish it where W&B can be reached. One line to print, and the
-    exit code."""
+    """Write the specification of ``tables`` (of kind ``smoke``); publish it where W&B can be
+    reached. One line to print, and the exit code."""
     from ..training.loggers import wandb_offline
 
     spec = specification(results, out, tables, smoke, project)
-    path = report.output_path(out, SPEC)   # not through a symlink planted in --out
+    path = output_path(out, SPEC)   # not through a symlink planted in --out
     path.write_text(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")
     later = ("to publish it, with a W&B key (wandb login, or WANDB_API_KEY): "
              + " && ".join(spec["publish"]))
