@@ -1,5 +1,6 @@
 """Digits data module, optimizer and schedule, packaging of the embedded default."""
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -70,9 +71,14 @@ def test_per_epoch_cosine_follows_the_paper_schedule(tmp_path):
     assert lr == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
 
 
-def test_embedded_default_is_shipped_in_the_package(tmp_path):
+def test_the_configs_ship_and_work_from_any_folder_after_a_plain_install(tmp_path):
+    """A wheel installed (not editable) into its own folder, run from an empty folder: the
+    docs' ``--config configs/NAME.yaml`` finds the shipped config, says which file it used, and
+    the data root stays relative to the caller (the finding: only quickstart.yaml shipped, and
+    ``configs/imagefolder.yaml`` did not exist outside a checkout)."""
+    from images import image_folder
+
     assert DEFAULT_CONFIG.is_file()
-    assert (ROOT / "configs" / "quickstart.yaml").read_text() == DEFAULT_CONFIG.read_text()
     src = tmp_path / "src"  # build a copy: an in-tree build would leave build/ in the checkout
     shutil.copytree(ROOT / "pcn_ep", src / "pcn_ep", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -80,7 +86,31 @@ def test_embedded_default_is_shipped_in_the_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(src)], check=True, timeout=300)
     wheel = next(tmp_path.glob("pcn_ep-*.whl"))
-    assert "pcn_ep/configs/quickstart.yaml" in zipfile.ZipFile(wheel).namelist()
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("pcn_ep/configs/")}
+    assert shipped == {f"pcn_ep/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
+    site, here = tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site), str(wheel)], check=True, timeout=300)
+    here.mkdir()
+    for split in ("train", "val"):
+        image_folder(here / "my_images" / split, classes=2, per_class=2)
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+    def pcn_ep(*args):
+        return subprocess.run([sys.executable, "-m", "pcn_ep", *args], cwd=here, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    where = pcn_ep("fit", "--config", "configs/vgg10.yaml", "--print_config")
+    assert where.returncode == 0 and "class_path: pcn_ep.core.VGG10" in where.stdout, where.stderr
+    assert f"using the shipped {site / 'pcn_ep' / 'configs' / 'vgg10.yaml'}" in where.stderr
+    fit = pcn_ep("fit", "--config", "configs/imagefolder.yaml", "--data.init_args.root", "my_images",
+                 "--trainer.max_epochs", "1", "--data.init_args.image_size", "16",
+                 "--data.init_args.num_workers", "0", "--model.network.init_args.width_mult",
+                 "0.0625", "--trainer.accelerator", "cpu")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert (here / "runs" / "imagefolder" / "seed0" / "checkpoints" / "last.ckpt").is_file()
+    nothing = pcn_ep("fit", "--config", "configs/vgg11.yaml")
+    assert nothing.returncode == 1 and "vgg10, vgg10_bp" in nothing.stderr, nothing.stderr
 
 
 def test_print_config_resolves_the_default(capsys):

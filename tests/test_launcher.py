@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -143,7 +144,7 @@ def test_no_slurm_on_this_host_is_one_error_line(tmp_path, monkeypatch):
 
 
 def test_the_scripts_pass_the_launcher_through(tmp_path):
-    done = subprocess.run(["bash", str(reproduce.ROOT / "reproduce" / "table_schemes.sh"), "--smoke",
+    done = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "reproduce" / "table_schemes.sh"), "--smoke",
                            "--launcher", "slurm", "--dry-run", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

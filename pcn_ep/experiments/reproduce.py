@@ -44,10 +44,9 @@ import yaml
 from ..argtypes import nonneg_int, positive_int, seed as seed_number
 from ..commandline import CommandParser
 from .results import MARKER, root_kind
+from ..shipped import CONFIGS
 from .tables import TABLES, Cell, Table
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
 SLURM_CLUSTER = "slurm"           # submitit's executor for --launcher slurm ("local" in the tests)
 SIGNAL_DELAY_S = 120              # SLURM signals a job this long before its time limit
 REQUEUES = 100                    # time-outs a run may be requeued after (preemptions do not count)
@@ -471,10 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds and len(set(args.seeds)) < len(args.seeds):  # two runs would share one folder
         p.error(f"argument --seeds: a seed is given twice: {args.seeds}")
     table = TABLES[args.table]
-    if not CONFIGS.is_dir():
-        print(f"pcn_ep: error: {CONFIGS} not found: run from a checkout of the repository "
-              "installed with pip install -e .", file=sys.stderr)
-        return 2
     try:
         args.data_root, args.set = _pairs(args.data_root, "--data-root"), _pairs(args.set, "--set")
     except ValueError as err:

@@ -21,7 +21,6 @@ import re
 import signal
 import sys
 import warnings
-from importlib.resources import files
 from pathlib import Path
 
 import jsonargparse
@@ -42,10 +41,11 @@ from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, Mo
 from .loggers import WandbLogger as PCNWandbLogger
 from .loggers import bind_loggers
 from .module import PCNEPModule
+from ..shipped import CONFIGS, find_config, shipped_configs
 
 PROG = "python -m pcn_ep"
 SUBCOMMANDS = ("fit", "validate", "test")
-DEFAULT_CONFIG = files("pcn_ep") / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = CONFIGS / "quickstart.yaml"
 HELP = ("-h", "--help")
 # --help: what each command does, and the headings of its sections (Lightning's and jsonargparse's
 # would be the first lines of their docstrings)
@@ -412,6 +412,26 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
+def shipped_config_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config`` value that is not a file but names a shipped config
+    (``configs/vgg10.yaml``, ``vgg10``) replaced by that file, saying so; a value that is neither
+    fails, listing the shipped configs. Other paths (data roots) stay relative to the caller."""
+    argv = list(argv)
+    for i, (flag, value) in enumerate(zip(argv, argv[1:] + [""])):
+        given, at = (value, i + 1) if flag in ("-c", "--config") else (
+            (flag.partition("=")[2], i) if flag.startswith("--config=") else (None, None))
+        if not given or Path(given).exists():
+            continue
+        found = find_config(given)
+        if found is None:
+            raise FileNotFoundError(f"config file {given} does not exist, here or among the "
+                                    f"shipped configs ({', '.join(shipped_configs())}; give one "
+                                    "as --config NAME)")
+        print(f"pcn_ep: config {given}: using the shipped {found}", file=sys.stderr)
+        argv[at] = str(found) if at != i else f"--config={found}"
+    return argv
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config`` file is a readable YAML mapping of settings, without duplicate keys,
     without a top-level section of the wrong kind (``trainer: 5`` would silently drop the config's
@@ -462,6 +482,7 @@ def main(argv: list[str]) -> int:
     STOP.signum = 0
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}  # a stop before training starts
     try:
+        argv = shipped_config_paths(argv)
         check_config_files(argv)
         PCNCLI(argv)  # runs the command; closes W&B with its status
     except argparse.ArgumentError as err:  # unknown or misspelt key, wrong type, missing file
