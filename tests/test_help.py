@@ -12,6 +12,7 @@ import importlib
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,14 @@ def test_class_help_names_the_program():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m pcn_ep fit "), done.stdout[:200]
     assert "__main__" not in done.stdout
+
+
+def test_no_file_of_the_package_cites_the_spec():
+    """Docstrings, help and config comments cite the paper (Sec., Eq., Table, Fig.), never the
+    working specification users do not have ("spec §3.4", "spec Eq. 17", "spec/paper.md")."""
+    package = Path(__file__).parents[1] / "pcn_ep"
+    cited = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+             for path in sorted([*package.rglob("*.py"), *package.rglob("*.yaml")])
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\bspec\b ?(§|Eqs?\.|Tables?\b|Fig\.)|\bspec/|# spec:", line)]
+    assert not cited, "\n".join(cited)

@@ -15,6 +15,9 @@
   cut short, so the resume continues exactly where an unstopped run would; a second signal stops
   at once (``StopNow``). Outside training (setup, evaluation) the stop is immediate, as there is
   nothing to save.
+- ``LogProgress``: the progress display when stdout is not a terminal (a cluster job's log, a pipe):
+  a line per epoch, and within a long epoch one every few minutes, instead of a bar redrawn with
+  carriage returns.
 - ``RunFolderLock``: one process per checkpoint folder (a POSIX ``lockf`` the OS drops when the holder
   dies, so a dead run's lock is taken over); it also clears partial files a killed save left.
 """
@@ -28,12 +31,13 @@ import pickle
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ProgressBar
 from lightning.pytorch.callbacks import ModelSummary as _ModelSummary
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -378,3 +382,83 @@ class ModelSummary(_ModelSummary):
                                       total_training_modes, total_flops, *columns)
         logging.getLogger(_ModelSummary.__module__).info(
             "\n" + "\n".join(l for l in table.splitlines() if not l.endswith("Total Flops")))
+
+
+class LogProgress(ProgressBar):
+    """Progress for a log file: the CLI's display when stdout is not a terminal (on one, Lightning's
+    bar). One line per training epoch with its time and the metrics the bar would show, e.g.
+    ``epoch 2 (3 of 30): 90 steps in 4.1 s, train/error 0.0625, val/top1_error 0.0222``; within an
+    epoch, a line every ``every_n_steps`` steps and at most ``every_n_seconds`` apart, so that a
+    long epoch (hours on ImageNet) still shows its pace; one line per evaluation outside ``fit``.
+    Plain lines, flushed, never a carriage return.
+
+    Args:
+        every_n_steps: a line every this many training steps within an epoch; null: none.
+        every_n_seconds: a line within an epoch once this many seconds have passed since the
+            last one; null: none.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_seconds: float | None = 300.0) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self._enabled = True
+        self._started = self._last = self._eval_started = 0.0
+        self._steps = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _line(self, text: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in metrics.items())
+        print(f"{text}{', ' + shown if shown else ''}", flush=True)
+        self._last = time.monotonic()
+
+    def _epoch(self, trainer: L.Trainer) -> str:
+        """``epoch 7 (8 of 30)``: numbered from 0 as in Lightning, the checkpoints and the CSV."""
+        epoch = trainer.current_epoch
+        total = f" of {trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        return f"epoch {epoch} ({epoch + 1}{total})"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._started = self._last = time.monotonic()
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if not self._enabled:
+            return
+        done, now = batch_idx + 1, time.monotonic()
+        if done >= self.total_train_batches:
+            return  # the epoch's own line follows
+        if ((self.every_n_steps and done % self.every_n_steps == 0)
+                or (self.every_n_seconds is not None and now - self._last >= self.every_n_seconds)):
+            total = self.total_train_batches
+            of = f"/{total}" if isinstance(total, int) else ""
+            self._line(f"{self._epoch(trainer)}: step {done}{of}, {now - self._started:.1f} s",
+                       trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._enabled:
+            self._line(f"{self._epoch(trainer)}: {self._steps} steps in "
+                       f"{time.monotonic() - self._started:.1f} s", trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._eval_started = time.monotonic()
+
+    on_test_start = on_validation_start
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._enabled and not trainer.sanity_checking and trainer.state.fn != "fit":
+            print(f"validation: {self.total_val_batches:g} batches in "
+                  f"{time.monotonic() - self._eval_started:.1f} s", flush=True)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self._enabled:
+            print(f"test: {sum(trainer.num_test_batches):g} batches in "
+                  f"{time.monotonic() - self._eval_started:.1f} s", flush=True)

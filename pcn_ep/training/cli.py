@@ -27,6 +27,7 @@ import jsonargparse
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -35,7 +36,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from ..core import DivergenceError
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, ModelSummary, Preempted,
+from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, LogProgress, ModelSummary, Preempted,
                         RunFolderBusy, StopNow, checkpoint_folder, exit_code, last_checkpoint_path, on_disk, load_checkpoint,
                         model_checkpoints, on_signal)
 from .loggers import WandbLogger as PCNWandbLogger
@@ -87,8 +88,6 @@ class PCNArgumentParser(LightningArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("prog", f"{PROG} {self.command}".rstrip())
         super().__init__(*args, **kwargs)
-
-
 
 
 class PCNCLI(LightningCLI):
@@ -145,6 +144,17 @@ class PCNCLI(LightningCLI):
         ``--ckpt_path`` file (but not with ``last``): here the config always decides, and a resume
         with other settings prints one warning (``PCNEPModule._check_resume``)."""
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, with ``LogProgress`` as its progress display when stdout is not a
+        terminal (a bar redrawn with carriage returns would fill a job's log), unless the config
+        turns the display off or picks its own."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        chosen = any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        if config.get("enable_progress_bar") is not False and not chosen and not sys.stdout.isatty():
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults["callbacks"], LogProgress()]
+        return super().instantiate_trainer(**kwargs)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("network_from_data"):
@@ -156,6 +166,7 @@ class PCNCLI(LightningCLI):
                 raise ValueError(f"trainer.{name} is 0: nothing would be trained (use `test` to "
                                  "evaluate a checkpoint)")
         check_run_folders(self.trainer)
+        name_checkpoints(self.trainer)
         self.resolve_checkpoint(resume=True)
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_check=True))[self.subcommand]
         for logger in self.trainer.loggers:
@@ -184,8 +195,21 @@ class PCNCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
         print_summary(self.trainer)
 
+    def after_validate(self) -> None:
+        print_summary(self.trainer, evaluated=self.evaluated("val"))
+
     def after_test(self) -> None:
-        print_summary(self.trainer)
+        print_summary(self.trainer, evaluated=self.evaluated("test"))
+
+    def evaluated(self, split: str) -> str:
+        """What ``validate`` / ``test`` evaluated: the checkpoint (or the untrained network) and
+        the split, with the data's folder or file where the data module names one."""
+        ckpt = self.trainer.ckpt_path
+        what = (f"checkpoint {Path(ckpt).resolve()}" if ckpt
+                else "the network as the config initializes it (untrained: no --ckpt_path)")
+        where = getattr(self.datamodule, f"{split}_path", None)
+        name = "validation" if split == "val" else "test"
+        return f"{what}, on the {name} split" + (f" ({where})" if where else "")
 
     def close_wandb(self, status: str | None) -> None:
         """Finish the W&B run (if one started) with this command's own status in its summary, so
@@ -212,6 +236,24 @@ def describe(parser: LightningArgumentParser, command: str, with_config_values: 
         for action in parser._actions:
             if action.required and defaults.get(action.dest) is not None:
                 action.required = False
+
+
+def checkpoint_name(monitor: str | None) -> str:
+    """The one name pattern of the checkpoints a config's ModelCheckpoint keeps (``filename``),
+    whatever the config: epoch and step, then the monitored metric and its value, e.g.
+    ``epoch07-step0736-val_top1_error0.0111.ckpt`` (``epoch07-step0736.ckpt`` without a metric).
+    Epochs count from 0, as in Lightning's logs."""
+    name = "epoch{epoch:02d}-step{step:04d}"
+    return name + (f"-{monitor.replace('/', '_')}{{{monitor}:.4f}}" if monitor else "")
+
+
+def name_checkpoints(trainer: L.Trainer) -> None:
+    """Give every ModelCheckpoint whose config sets no ``filename`` the package's pattern
+    (``checkpoint_name``); Lightning's default would be ``epoch=22-step=46.ckpt``."""
+    for checkpoint in model_checkpoints(trainer):
+        if checkpoint.filename is None:
+            checkpoint.filename = checkpoint_name(checkpoint.monitor)
+            checkpoint.auto_insert_metric_name = False  # the pattern names the metric itself
 
 
 def check_run_folders(trainer: L.Trainer) -> None:
@@ -267,19 +309,23 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
-def print_summary(trainer: L.Trainer) -> None:
-    """What a finished command leaves behind, in a few lines: the test error and where the
-    checkpoints, the CSV metrics and the W&B run folder are."""
+def print_summary(trainer: L.Trainer, evaluated: str | None = None) -> None:
+    """What a finished command leaves behind, in a few lines: after ``fit``, the test error and
+    where the checkpoints are; after ``validate`` / ``test``, what was ``evaluated`` and its
+    error; then where the CSV metrics and the W&B run folder are."""
     if not trainer.is_global_zero:
         return
     metrics = trainer.callback_metrics
+    split = "val" if evaluated and trainer.state.fn == "validate" else "test"
     errors = [f"{name.split('/')[1].replace('_error', '')} {100 * float(metrics[name]):.2f}%"
-              for name in ("test/top1_error", "test/top5_error") if name in metrics]
-    lines = [f"test error: {', '.join(errors)}"] if errors else []
-    best = [c.best_model_path for c in model_checkpoints(trainer) if c.best_model_path]
-    last = last_checkpoint_path(trainer)
-    lines += [f"best checkpoint: {best[0]}"] if best else []
-    lines += [f"last checkpoint: {last}"] if last.exists() else []
+              for name in (f"{split}/top1_error", f"{split}/top5_error") if name in metrics]
+    lines = [f"evaluated: {evaluated}"] if evaluated else []
+    lines += [f"{'validation' if split == 'val' else 'test'} error: {', '.join(errors)}"] if errors else []
+    if evaluated is None:
+        best = [c.best_model_path for c in model_checkpoints(trainer) if c.best_model_path]
+        last = last_checkpoint_path(trainer)
+        lines += [f"best checkpoint: {best[0]}"] if best else []
+        lines += [f"last checkpoint: {last}"] if last.exists() else []
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             lines.append(f"metrics (CSV): {(Path(logger.log_dir) / 'metrics.csv').resolve()}")
