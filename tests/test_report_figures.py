@@ -19,6 +19,10 @@ def _colour_at(fig, ax, x, y, dx=0, dy=0):
     return image[int(round(image.shape[0] - py - dy)), int(round(px + dx)), :3] / 255
 
 
+def _line(ax, label):
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
 def test_ep_and_bp_curves_that_coincide_both_show(tmp_path):
     """Fig. 3's smoke figure: EP's curve, its markers and its ◆ were drawn exactly under BP's."""
     for method in ("ep", "bp"):
@@ -27,13 +31,30 @@ def test_ep_and_bp_curves_that_coincide_both_show(tmp_path):
     runs = report.read_runs(tmp_path)
     fig = report.build_figure("fig_init_gain", runs, report.summarize(runs))
     ax = fig.axes[0]
-    ep, bp = to_rgb("C0"), to_rgb("C1")   # the cells' colours, in the table's order
-    for x, y in ((1, 80), (2, 44)):   # an epoch's marker; the last one under the ◆ final error
-        assert np.allclose(_colour_at(fig, ax, x, y), ep, atol=0.02), (x, y)
-    # BP's wide dashed line shows on either side of EP's thin one somewhere along the segment.
-    light_bp = 0.55 * np.array(bp) + 0.45   # half transparent over white
-    assert any(np.allclose(_colour_at(fig, ax, x, 80 + (x - 1) * (44 - 80), dy=dy), light_bp,
-                           atol=0.08) for x in np.linspace(1.1, 1.9, 17) for dy in (-2, 2))
+    ep, bp = _line(ax, "output_gain=0.2, method=ep"), _line(ax, "output_gain=0.2, method=bp")
+    # EP's marker at epoch 1 and its ◆ at epoch 2 (the final test error, 44 %) show EP's colour.
+    for x, y in zip(ep.get_xdata(), (80, 44)):
+        assert np.allclose(_colour_at(fig, ax, x, y), to_rgb("C0"), atol=0.02), (x, y)
+    # BP's wide, half transparent line shows along its own segment.
+    light_bp = 0.55 * np.array(to_rgb("C1")) + 0.45   # over white
+    (x0, x1), (y0, y1) = bp.get_xdata(), bp.get_ydata()
+    assert any(np.allclose(_colour_at(fig, ax, x0 + t * (x1 - x0), y0 + t * (y1 - y0), dy=dy),
+                           light_bp, atol=0.08) for t in np.linspace(0.1, 0.9, 17) for dy in (-1, 1))
+
+
+def test_cells_with_equal_values_all_show(tmp_path):
+    """Table 3's smoke figure: four PGD cells with the same errors, only the last one drawn seen."""
+    labels = [c.labels for c in tables.TABLES["table_pgd"].cells()][:4]
+    for i, cell in enumerate(labels):
+        _record(tmp_path / str(i), "table_pgd", cell, 0, "ok", 0.39, [(0, 0.6), (1, 0.36)])
+    runs = report.read_runs(tmp_path)
+    fig = report.build_figure("table_pgd", runs, report.summarize(runs))
+    ax = fig.axes[0]
+    for i, cell in enumerate(labels):
+        line = _line(ax, f"rule={cell['rule']}, K={cell['K']}")
+        assert abs(line.get_xdata()[0] - 1) <= 0.15   # still read at its epoch
+        for x, y in zip(line.get_xdata(), (60, 39)):   # its epoch-1 marker and its ◆
+            assert np.allclose(_colour_at(fig, ax, x, y), to_rgb(f"C{i}"), atol=0.02), (i, x)
 
 
 def test_no_two_of_24_cells_share_a_colour_and_a_marker(tmp_path):

@@ -15,7 +15,10 @@ diverged ones, as NaN) give numbers. For each table it writes
 ``OUT_DIR/TABLE.md`` (mean ± std over seeds of the final test error in %, the paper's numbers from
 ``pcn_ep/experiments/paper_results.yaml`` in the next columns, the paper's claims below) and its figure
 ``OUT_DIR/TABLE.png``: a β×K heat map (Fig. 2), scheme bars (Fig. 1), F-vs-K curves (Fig. 8),
-traversal heat maps (Fig. 5) or test-error training curves (the others; BP dashed).
+traversal heat maps (Fig. 5) or error training curves (the others; BP dashed, wide and under
+EP, so that curves that coincide both show; a colour and marker per cell). Where EP runs logged the
+gradient-fidelity monitor, ``OUT_DIR/TABLE_fidelity.png`` draws it per epoch, or as a dot per cell
+when no cell was checked in two epochs.
 
 ``--publish`` also builds the W&B Report of these tables (``wandb_report``); without a W&B key or
 network it writes the Report's specification to ``OUT_DIR/wandb_report.json`` and says how to
@@ -451,7 +454,8 @@ PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's fi
 FIDELITY_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity) per epoch, the mean of "
                     "its checks in that epoch: the worst parameter tensor's cosine and relative "
                     "error between EP's gradient estimate and backprop's gradient on the same batch "
-                    "and weights (1 and 0 are exact; the axes span at least 0.99–1 and 0–0.1).")
+                    "and weights (1 and 0 are exact; the axes span at least 0.99–1 and 0–0.1; cells "
+                    "side by side, at most 0.15 epoch off).")
 FIDELITY_DOTS_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity), one row per EP "
                          "cell: every run was checked in one epoch only, so a dot (the mean of its "
                          "checks, mean over seeds), not a curve: the worst parameter tensor's cosine "
@@ -504,7 +508,8 @@ def caption(table: str, paper: dict, smoke: bool = False) -> str:
     split = ("smoke runs validate on a held-out split of the digits" if smoke
              else "the paper's configs validate on the test split, val_size 0")
     text = (f"Figure: {' and '.join(words(m).lower() for m in metrics)} per epoch (lines; BP "
-            f"dashed, wide and under EP, so that EP shows where they coincide; {split}); ◆ the "
+            f"dashed, wide and under EP, so that EP shows where they coincide; cells side by side, "
+            f"at most 0.15 epoch off; {split}); ◆ the "
             "final test error of this table (BP's hollow)")
     if paper.get(table, {}).get("rows"):
         text += "; dotted lines: the paper's final test error"
@@ -732,25 +737,37 @@ def _fidelity_range(ax, metric: str, values: list[float], axis: str = "y") -> No
     (ax.set_ylim if axis == "y" else ax.set_xlim)(low - pad, high + pad)
 
 
+def _dodge(rank: int, n: int, epochs: int) -> float:
+    """How far (in epochs) the ``rank``-th of ``n`` curves is moved: together they spread over at
+    most 0.3 epoch, or 3 % of an axis of many epochs, centred on the epoch."""
+    step = min(0.08, 0.3 / max(n - 1, 1)) * max(1.0, epochs / 10)
+    return (rank - (n - 1) / 2) * step
+
+
 def _curves(ax, cells: dict, metric: str, paper_rows: list, facet: str | None = None) -> list:
     """One line per cell (``_look``: BP dashed, under EP); ◆ the cell's final test error at its
     last epoch (BP's hollow and larger), the paper's final test error as a dotted line in the
-    cell's colour. Errors are drawn in %, fidelity/* (cosines, relative errors) as logged."""
+    cell's colour. Errors are drawn in %, fidelity/* (cosines, relative errors) as logged. The
+    cells stand side by side around each epoch (``_dodge``): equal values (four PGD cells of a
+    smoke run) would otherwise draw every marker on one spot, the last one drawn hiding the rest."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     key, finals, papers, last, drawn = PAPER_KEY.get(metric), False, False, 0, []
+    shown = [i for i, c in enumerate(cells.values()) if _points(c, metric)]
+    span = max((e + 1 for c in cells.values() for e in _points(c, metric)), default=1)
     for i, c in enumerate(cells.values()):
         points = _points(c, metric)
         if not points:
             continue
         epochs, look = sorted(points), _look(i, c["labels"])
-        xs = [e + 1 for e in epochs]  # epoch 1 is the first
+        shift = _dodge(shown.index(i), len(shown), span)
+        xs = [e + 1 + shift for e in epochs]  # epoch 1 is the first
         label = ", ".join(f"{k}={v}" for k, v in c["labels"].items() if k != facet)
         ys = [statistics.mean(points[e]) for e in epochs]
         ax.plot(xs, ys, label=label, **look)   # a marker: a one-epoch curve is still seen
         drawn += ys
-        last = max(last, xs[-1])
+        last = max(last, epochs[-1] + 1)
         final = [v for v in c.get(key, []) if not math.isnan(v)] if key else []
         if final:
             bp = c["labels"].get("method") == "bp"

@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..shipped import CONFIGS   # the configs shipped in the package, which the runs use
 from .tables import TABLES
 
 MARKER = ".pcn_ep-results.json"   # reproduce writes it in each results root: {"smoke": bool}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the configs shipped in the package
 
 
 class Unreadable(ValueError):
