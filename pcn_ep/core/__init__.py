@@ -4,12 +4,13 @@ from .equilibrium import (ORDERS, PERTURBATIONS, POOL_ROUTINGS, RULES, Dynamics,
                           NudgedState, nudged_phase)
 from .estimators import (SCHEMES, Backprop, DivergenceError, Estimate, EquilibriumPropagation,
                          all_finite, compile_estimator, gradient_fidelity)
-from .layers import PCNLayer
-from .networks import MLP, NETWORKS, PCN, VGG5, VGG10, FreeState, VGG10Skip
+from .layers import GenericLayer, Layer, PCNLayer
+from .networks import (MLP, NETWORKS, NORMS, PCN, VGG5, VGG10, FreeState, ResNetPCN, Residual,
+                       VGG10Skip)
 
 __all__ = [
     "COSTS", "Cost", "CrossEntropy", "SquaredError", "energy", "get_cost", "ORDERS", "PERTURBATIONS",
     "POOL_ROUTINGS", "RULES", "Dynamics", "Interrupted", "NudgedState", "nudged_phase", "SCHEMES", "Backprop", "DivergenceError",
     "Estimate", "EquilibriumPropagation", "all_finite", "compile_estimator", "gradient_fidelity", "PCNLayer", "MLP", "NETWORKS", "PCN", "VGG5", "VGG10",
-    "FreeState", "VGG10Skip",
+    "FreeState", "VGG10Skip", "GenericLayer", "Layer", "NORMS", "ResNetPCN", "Residual",
 ]

@@ -59,13 +59,15 @@ def get_cost(name: str) -> Cost:
     return COSTS[name]
 
 
-def energy(network: PCN, h: list[Tensor], y: Tensor, cost: Cost) -> tuple[Tensor, Tensor]:
+def energy(network: PCN, h: list[Tensor], y: Tensor, cost: Cost, copies: int = 1
+           ) -> tuple[Tensor, Tensor]:
     """Per-example E = ½ Σ_k ‖h_k − f_k(h_{k-1})‖² and C(h_L, y); F = E + β C.
 
+    ``h`` may hold ``copies`` nudged copies of the batch, flat (each its own batch statistics).
     Recomputes every layer from scratch: a diagnostic (traces, tests), not part of the fast path.
     """
     total = torch.zeros(h[0].shape[0], dtype=h[-1].dtype, device=h[-1].device)
-    for k, layer in enumerate(network.layers, start=1):
-        eps = h[k] - layer(*network.layer_inputs(h, k))
+    for k in range(1, network.depth + 1):
+        eps = h[k] - network.prediction(h, k, copies)
         total = total + 0.5 * eps.flatten(1).pow(2).sum(1)
     return total, cost.value(h[-1], y)

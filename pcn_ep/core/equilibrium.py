@@ -41,6 +41,11 @@ window whose max is exactly tied in the free state (flat image regions). There �
 δc, so +β and −β route through different winners, and centered EP averages two routes where
 backprop takes the first. The free winners of a pooled layer whose inputs move are the first argmax
 of its window offsets d (exactly 0 at the max), so they cost no memory.
+
+A ``GenericLayer`` fits the same plan: its refresh is δa_k = g_k(h) − a*_k with a VJP of g_k taken
+at the same inputs (``torch.func.vjp``), which its next error sent down reuses; until its inputs
+move, that VJP is taken at the free state. Everything else (rules, α, order, perturbation, kinks at
+its output ReLU, the wavefront) is the built-in layers' code.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .energy import Cost, energy, one_hot
+from .layers import GenericLayer
 from .networks import PCN, FreeState
 
 RULES = ("mod-pgd", "pgd")
@@ -164,6 +170,7 @@ class NudgedState:
         self.delta: list[Tensor | None] = [None] * (L + 1)
         self.delta_a: list[Tensor | None] = [None] * (L + 1)
         self.indices: list[Tensor | None] = [None] * (L + 1)
+        self.pullbacks: list[Callable | None] = [None] * (L + 1)  # generic layers' VJPs
         self.error_layers: list[int] = []
         self.trace: list[tuple[Tensor, Tensor]] = []
         self.kinks: list[int] | None = None
@@ -225,6 +232,10 @@ class NudgedState:
     def refresh(self, k: int) -> None:
         """δa_k from the perturbations of layer k's inputs: one linear map (and one pool)."""
         layer, s = self.net.layers[k - 1], self.net.sources(k)
+        if isinstance(layer, GenericLayer):
+            a, self.pullbacks[k] = layer.input_vjp([self.absolute(j) for j in s], self.copies)
+            self.delta_a[k] = self.split(a.to(self.free.a[k].dtype)) - self.free.a[k]
+            return self.count_crossings(k)
         inputs = [None if self.delta[j] is None else self.flat(self.delta[j]) for j in s]
         if inputs[0] is None:  # only the skip input moved
             inputs[0] = self.flat(torch.zeros_like(self.free_h(s[0])).expand(
@@ -241,6 +252,10 @@ class NudgedState:
             dc += self.free.d[k]  # in place: the nudged c is not kept after pooling
             da, self.indices[k] = F.max_pool2d(self.flat(dc), 2, 2, return_indices=True)
             self.delta_a[k] = self.split(da)
+        self.count_crossings(k)
+
+    def count_crossings(self, k: int) -> None:
+        """With ``count_kinks``: mark layer k's units whose ReLU or max-pool winner switched."""
         if self.crossed is not None and k < self.net.depth:
             q, lo = self.kink_terms(k)
             self.crossed[k] |= ((self.delta_a[k] + q) > lo) != (self.free.a[k] > 0)
@@ -271,10 +286,16 @@ class NudgedState:
         eps = -moved if dh is None else dh - moved
         return eps, eps.masked_fill(r <= lo, 0.0)
 
-    def down(self, j: int) -> tuple[Tensor, Tensor | None]:
-        """Layer j's error sent to its inputs: (∂c_j/∂inputs)^T unpool(ε_j ⊙ f'(a_j))."""
+    def down(self, j: int) -> tuple[Tensor | None, ...]:
+        """Layer j's error sent to its inputs (in ``sources(j)`` order):
+        (∂c_j/∂inputs)^T unpool(ε_j ⊙ f'(a_j)), or a generic layer's VJP at its current inputs."""
         layer = self.net.layers[j - 1]
         grad_a = self.flat(self.error(j)[1])
+        if isinstance(layer, GenericLayer):
+            if self.pullbacks[j] is None:  # inputs not moved yet: the VJP at the free state
+                inputs = [self.absolute(s) for s in self.net.sources(j)]
+                self.pullbacks[j] = layer.input_vjp(inputs, self.copies)[1]
+            return self.pullbacks[j](grad_a)
         if layer.pool and self.indices[j] is None:  # not refreshed yet: the free routing
             self.indices[j] = self.free_indices(j)
         grad_c = layer.unpool(grad_a, self.indices[j], self.shape_c(j))
@@ -316,7 +337,7 @@ def nudged_phase(
     if perturbation == "clamp":
         state.set_state(L, beta * (target - out))
     y_all = y.repeat(copies)
-    history = [energy(network, state.h, y_all, cost)] if trace else []
+    history = [energy(network, state.h, y_all, cost, copies)] if trace else []
     plan, error_layers, final_refresh = schedule(
         tuple(tuple(network.sources(k)) for k in range(1, L + 1)), dynamics.K, dynamics.order,
         perturbation == "clamp")
@@ -331,7 +352,7 @@ def nudged_phase(
         u = da if mod or da is None else state.relu_delta(k, da)
         for j in network.readers(k):
             if j in sent:
-                part = state.split(sent[j][0] if k == j - 1 else sent[j][1])
+                part = state.split(sent[j][network.sources(j).index(k)])
                 u = part if u is None else u + part
         if alpha != 1.0:
             u = alpha * u if h is None else (1 - alpha) * h + alpha * u
@@ -355,7 +376,7 @@ def nudged_phase(
             for k, value in group(refresh, down, updates).items():
                 state.set_state(k, value)
         if trace:
-            history.append(energy(network, state.h, y_all, cost))
+            history.append(energy(network, state.h, y_all, cost, copies))
 
     for k in final_refresh:
         state.refresh(k)

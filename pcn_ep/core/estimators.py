@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .energy import Cost, get_cost
 from .equilibrium import PERTURBATIONS, Dynamics, NudgedState, check_pool_routing, nudged_phase
+from .layers import GenericLayer
 from .networks import PCN
 
 SCHEMES = ("forward", "backward", "random", "centered")
@@ -230,23 +231,29 @@ class EquilibriumPropagation:
             grad_a, e_k = self._error(nudged, k)
             e = e + e_k
             grad_a = grad_a * weights.view(*shape, *([1] * (grad_a.dim() - 2)))
-            if nudged.delta_a[k] is None:  # fixed inputs and routing: sum the copies first
-                grad_a = grad_a.sum(0)
+            fixed = nudged.delta_a[k] is None
+            if fixed:  # fixed inputs and routing: sum the copies first
+                grad_a, copies = grad_a.sum(0), 1
                 inputs = [nudged.free_h(s) for s in network.sources(k)] + [None]
-                indices = nudged.free_indices(k, 1) if layer.pool else None
-                shape_c = torch.Size((grad_a.shape[0], *nudged.shape_c(k)[1:]))
             else:
-                grad_a = nudged.flat(grad_a)
+                grad_a, copies = nudged.flat(grad_a), nudged.copies
                 inputs = [nudged.absolute(s) for s in network.sources(k)] + [None]
-                indices, shape_c = nudged.indices[k], nudged.shape_c(k)
-            grad_c = layer.unpool(grad_a, indices, shape_c)
-            per_layer[k] = layer.param_grads(inputs[0], inputs[1], grad_a, grad_c)
+            if isinstance(layer, GenericLayer):  # a VJP of g_k at the nudged inputs
+                per_layer[k] = layer.param_grads(inputs[:-1], grad_a, copies)
+            else:
+                if fixed:
+                    indices = nudged.free_indices(k, 1) if layer.pool else None
+                    shape_c = torch.Size((grad_a.shape[0], *nudged.shape_c(k)[1:]))
+                else:
+                    indices, shape_c = nudged.indices[k], nudged.shape_c(k)
+                grad_c = layer.unpool(grad_a, indices, shape_c)
+                per_layer[k] = layer.param_grads(inputs[0], inputs[1], grad_a, grad_c)
             if record is not None and nudged.delta[k] is not None:
                 record.setdefault("states", {})[k] = bool(torch.isfinite(nudged.delta[k]).all())
                 scale = nudged.free_h(k).abs().max().clamp_min(1e-12)
                 record.setdefault("growth", {})[k] = float(nudged.delta[k].abs().max() / scale)
             # Every reader of h_k (above k) is done: drop what only layers ≥ k read.
-            nudged.delta[k] = nudged.delta_a[k] = nudged.indices[k] = None
+            nudged.delta[k] = nudged.delta_a[k] = nudged.indices[k] = nudged.pullbacks[k] = None
             if k < network.depth:
                 nudged.free.a[k] = nudged.free.d[k] = nudged.free.indices[k] = None
         grads = [g for k, layer in enumerate(network.layers, start=1)
@@ -385,6 +392,10 @@ def _pool_ties(network: PCN, x: Tensor) -> list[int]:
     ties, h = [], [x]
     with torch.no_grad():
         for k, layer in enumerate(network.layers, start=1):
+            if isinstance(layer, GenericLayer):  # no closed-form pool; running statistics kept
+                ties.append(0)
+                h.append(network.prediction(h, k))
+                continue
             c = layer.linear(*network.layer_inputs(h, k)).to(x.dtype)
             ties.append(int(layer.tied_windows(c).sum()) if layer.pool else 0)
             h.append(layer.activation(layer.pool_bias(c)[0]))

@@ -18,6 +18,10 @@ and one vector-Jacobian product per changing layer, with no autograd graph kept 
 - ``param_grads``: (∂a/∂θ)^T applied to a gradient w.r.t. a (weight and bias gradients).
 
 ``gradcheck`` and the tests compare both against autograd through ``forward``.
+
+``GenericLayer`` makes any ``nn.Module`` g_k a layer, f_k = ReLU(g_k(inputs)) (or g_k for the output):
+it has no closed form, and the nudged phase takes its transposed maps from vector-Jacobian products
+of g_k at the current states (``torch.func.vjp``).
 """
 from __future__ import annotations
 
@@ -26,15 +30,31 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vjp
 from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
-class PCNLayer(nn.Module):
+class Layer(nn.Module):
+    """What every layer shares: f_k = ReLU(a_k) for a hidden layer, a_k for the linear output."""
+
+    relu: bool
+
+    def activation(self, a: Tensor) -> Tensor:
+        return torch.relu(a) if self.relu else a
+
+    def activation_vjp(self, grad: Tensor, a: Tensor) -> Tensor:
+        """f'(a) ⊙ grad: the gradient w.r.t. a of a quantity whose gradient w.r.t. f(a) is grad."""
+        return grad.masked_fill(a <= 0, 0.0) if self.relu else grad
+
+
+class PCNLayer(Layer):
     """A conv 3×3 (stride 1, padding 1) or dense layer, optional 2×2 max-pool, ReLU or linear output.
 
     Args:
         kind: ``"conv"`` or ``"dense"``. A dense layer flattens its input.
-        in_features / out_features: channels for a conv, units for a dense layer.
+        in_features: input channels for a conv, input units for a dense layer.
+        out_features: output channels for a conv, output units for a dense layer.
         pool: 2×2 max-pool with stride 2 after the conv (before the ReLU, the paper's Eq. 13).
         relu: ReLU for hidden layers; ``False`` for the linear output layer (the paper's Eq. 14).
         skip_in: channels of a skip source; adds a 1×1 conv with stride ``skip_stride`` to ``c``.
@@ -150,13 +170,6 @@ class PCNLayer(nn.Module):
         top = windows.amax((-3, -1), keepdim=True)
         return ((windows == top).sum((-3, -1)) > 1).flatten(1).sum(1)
 
-    def activation(self, a: Tensor) -> Tensor:
-        return torch.relu(a) if self.relu else a
-
-    def activation_vjp(self, grad: Tensor, a: Tensor) -> Tensor:
-        """f'(a) ⊙ grad: the gradient w.r.t. a of a quantity whose gradient w.r.t. f(a) is grad."""
-        return grad.masked_fill(a <= 0, 0.0) if self.relu else grad
-
     def forward(self, x: Tensor, skip: Tensor | None = None, dtype: torch.dtype | None = None
                 ) -> Tensor:
         """f(x, skip); ``dtype`` casts the linear part (bf16 under autocast) back to the states'."""
@@ -206,6 +219,97 @@ class PCNLayer(nn.Module):
             grads.append(conv2d_weight(sc, self.skip_weight.shape, gc, stride=self.skip_stride)
                          .to(grad_c.dtype))
         return grads
+
+
+class GenericLayer(Layer):
+    """Any module g_k as PCN layer k: f_k = ReLU(g_k(inputs)) when hidden, g_k(inputs) for the output.
+
+    The nudged phase needs, at the current states, a_k = g_k(inputs), the transposed map
+    (∂a_k/∂inputs)^T (for Δ of the layers it reads, the paper's Eq. 17) and (∂a_k/∂θ_k)^T (for
+    ∂F/∂θ_k); here they are vector-Jacobian products of g_k (``torch.func.vjp``), so any
+    differentiable module works. The price against ``PCNLayer``: one forward of g_k per refresh, and
+    δa_k = g_k(h) − a*_k is a difference of absolute values (exact to the rounding of a*_k, not to
+    the perturbation's own digits). Only the output ReLU's kinks are counted; kinks inside g_k are not.
+
+    Batch statistics. BatchNorm in training mode makes g_k a function of the whole batch. The batch is
+    then one system, F summed over it, and what EP must match is backprop of the training forward:
+    - the free phase *is* that forward (the module called as it is): batch statistics of the free
+      states, and the running statistics updated there, once per step, as backprop's forward does;
+    - each nudged copy (one sign of β in centered EP) is its own system: g_k uses the statistics of
+      that copy's current states, and never updates the running statistics.
+    So g_k is exactly the function backprop differentiates, its VJPs carry the statistics' terms
+    that couple the examples, and the estimate tends to backprop's gradient as β → 0 (checked in
+    float64 by tests/test_generic_layers.py). Freezing the free statistics in the nudged phase would
+    be another function, whose gradient lacks those terms; pooling both copies' statistics would make
+    the +β and −β systems nudge each other. The random scheme draws signs per example inside one
+    copy: there an example's error also carries its neighbours' nudges, which 1/β_i does not undo,
+    so its estimate is unbiased over the signs but not exact per draw (forward, backward and
+    centered are). In eval mode BatchNorm uses its running statistics: per example, nothing couples.
+    GroupNorm and LayerNorm normalize each example alone and need nothing of this.
+
+    Args:
+        module: g_k, called with the states the layer reads: h_{k-1}, then its skip sources in the
+            order ``PCN``'s ``skips`` lists them. Its parameters are θ_k.
+        relu: ReLU for a hidden layer; ``False`` for the linear output layer (the paper's Eq. 14).
+        batch_coupled: whether g_k mixes the examples of a batch (then each nudged copy runs
+            apart); ``None``: whenever it holds a BatchNorm in training mode.
+    """
+
+    pool = False  # no closed-form max-pool routing: a pool inside g_k is differentiated by the VJP
+
+    def __init__(self, module: nn.Module, relu: bool = True, batch_coupled: bool | None = None
+                 ) -> None:
+        super().__init__()
+        self.module, self.relu, self.batch_coupled = module, relu, batch_coupled
+
+    @property
+    def weight(self) -> Tensor:
+        """g_k's first parameter: what code reading ``layers[0].weight`` (input channels) or
+        ``layers[-1].weight`` (classes) finds in a conv stem or a linear head."""
+        return next(self.module.parameters())
+
+    def forward(self, *inputs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """f(inputs), the module as it is (training mode: batch statistics, running ones updated)."""
+        a = self.module(*inputs)
+        return self.activation(a if dtype is None else a.to(dtype))
+
+    def couples(self) -> bool:
+        if self.batch_coupled is not None:
+            return self.batch_coupled
+        return any(isinstance(m, _BatchNorm) and m.training for m in self.module.modules())
+
+    def nudged(self, inputs: list[Tensor], copies: int, params: dict | None = None) -> Tensor:
+        """a = g_k(inputs) for inputs flat over the nudged copies (copies·batch, ...), each copy with
+        its own batch statistics and no running statistics updated; ``params`` replace θ_k."""
+        frozen = {f"{name}.{b}": None for name, m in self.module.named_modules()
+                  if isinstance(m, _BatchNorm) and m.training and m.running_mean is not None
+                  for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+        def g(*xs: Tensor) -> Tensor:
+            return functional_call(self.module, {**(params or {}), **frozen}, xs)
+
+        if copies == 1 or not self.couples():
+            return g(*inputs)
+        parts = [x.unflatten(0, (copies, -1)) for x in inputs]
+        return torch.cat([g(*(p[c] for p in parts)) for c in range(copies)])
+
+    def input_vjp(self, inputs: list[Tensor], copies: int):
+        """(a, pullback): a = ``nudged(inputs)``, and grad_a ↦ (∂a/∂inputs)^T grad_a, one tensor per
+        input, in grad_a's dtype."""
+        a, pullback = vjp(lambda *xs: self.nudged(list(xs), copies), *inputs)
+
+        def transposed(grad_a: Tensor) -> tuple[Tensor, ...]:
+            return tuple(g.to(grad_a.dtype) for g in pullback(grad_a.to(a.dtype)))
+
+        return a, transposed
+
+    def param_grads(self, inputs: list[Tensor], grad_a: Tensor, copies: int) -> list[Tensor]:
+        """(∂a/∂θ)^T grad_a at ``inputs``, for every parameter, in ``self.parameters()`` order."""
+        names = [name for name, _ in self.module.named_parameters()]
+        params = {name: p.detach() for name, p in self.module.named_parameters()}
+        a, pullback = vjp(lambda p: self.nudged(inputs, copies, p), params)
+        grads = pullback(grad_a.to(a.dtype))[0]
+        return [grads[name] for name in names]
 
 
 def _window_corners(h: int, w: int, width: int, device: torch.device) -> Tensor:
