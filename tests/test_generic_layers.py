@@ -1,0 +1,100 @@
+"""Any module as a PCN layer (``GenericLayer``): VJPs of g_k in place of the closed-form maps."""
+import pytest
+import torch
+from torch import nn
+
+from helpers import batch, compare, ep_estimator
+from pcn_ep.core import PCN, VGG5, GenericLayer, PCNLayer
+
+
+def generic_twin(net: VGG5) -> PCN:
+    """The same VGG5 from plain modules (conv, max-pool, flatten, linear), with its weights."""
+    layers = []
+    for layer in net.layers:
+        if layer.kind == "conv":
+            conv = nn.Conv2d(layer.weight.shape[1], layer.weight.shape[0], 3, padding=1)
+            module = nn.Sequential(conv, nn.MaxPool2d(2)) if layer.pool else conv
+        else:
+            conv = nn.Linear(layer.weight.shape[1], layer.weight.shape[0])
+            module = nn.Sequential(nn.Flatten(), conv)
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight)
+            conv.bias.copy_(layer.bias)
+        layers.append(GenericLayer(module, relu=layer.relu))
+    return PCN(layers).to(net.layers[0].weight.dtype)
+
+
+SETTINGS = [  # (cost, scheme, rule, order, alpha, perturbation)
+    ("ce", "centered", "mod-pgd", "async", 1.0, "nudge"),
+    ("mse", "random", "pgd", "sync", 0.5, "nudge"),
+    ("ce", "forward", "mod-pgd", "async", 0.7, "clamp"),
+]
+
+
+@pytest.mark.parametrize("cost, scheme, rule, order, alpha, perturbation", SETTINGS)
+def test_vgg5_from_generic_layers_gives_the_fast_paths_estimate(cost, scheme, rule, order, alpha,
+                                                                 perturbation):
+    """Same network, same signs: the VJP path and the closed form agree to rounding, for each
+    rule, order, α, scheme, perturbation and cost. A max-pool inside g_k routes through the
+    current winner: the built-in layers' ``pool_routing="nudged"``."""
+    torch.manual_seed(0)
+    fast = VGG5(3, 10, 16, width_mult=1 / 32).double()
+    slow = generic_twin(fast)
+    x, y = batch((3, 3, 16, 16), 10)
+    torch.testing.assert_close(slow(x), fast(x), rtol=1e-12, atol=1e-12)
+    ep = ep_estimator(cost, scheme, beta=1e-3, K=fast.depth, rule=rule, order=order, alpha=alpha,
+                      perturbation=perturbation, pool_routing="nudged",
+                      generator=torch.Generator().manual_seed(0))
+    betas = ep.signed_betas(3, x.device)
+    want, got = ep.estimate(fast, x, y, betas), ep.estimate(slow, x, y, betas)
+    g_fast = torch.autograd.grad(want.surrogate, list(fast.parameters()))
+    g_slow = torch.autograd.grad(got.surrogate, list(slow.parameters()))
+    for a, b in zip(g_slow, g_fast):
+        assert ((a - b).norm() / b.norm()).item() < 1e-9
+    for key in want.stats:
+        torch.testing.assert_close(got.stats[key], want.stats[key], rtol=1e-9, atol=1e-12)
+
+
+class Join(nn.Module):
+    """g(h, s) = conv3x3(h) + conv1x1_stride2(s): a layer reading two states."""
+
+    def __init__(self, channels: int, skip_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.skip = nn.Conv2d(skip_channels, channels, 1, stride=2)
+
+    def forward(self, h, s):
+        return self.conv(h) + self.skip(s)
+
+
+def mixed() -> PCN:
+    """Built-in conv → generic 5×5 conv + average pool (no closed form) → built-in conv →
+    generic join of h_3 and a skip from h_1 → built-in dense output."""
+    return PCN([PCNLayer("conv", 3, 4),
+                GenericLayer(nn.Sequential(nn.Conv2d(4, 6, 5, padding=2), nn.AvgPool2d(2))),
+                PCNLayer("conv", 6, 8),
+                GenericLayer(Join(8, 4)),
+                PCNLayer("dense", 8 * 4 * 4, 10, relu=False)], skips={4: 1})
+
+
+@pytest.mark.parametrize("cost", ["ce", "mse"])
+def test_mixed_generic_and_builtin_layers_with_a_skip_match_backprop(cost):
+    """Float64, centered, β = 1e-3 (1e-6 where a draw crosses a kink): every tensor within 1e-4."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = mixed().double()
+        x, y = batch((4, 3, 8, 8), 10, seed=seed)
+        cos, rel, kinks = compare(net, x, y, ep_estimator(cost, K=net.depth, beta=1e-3))
+        if kinks:
+            cos, rel, _ = compare(net, x, y, ep_estimator(cost, K=net.depth, beta=1e-6))
+        assert max(rel) <= 1e-4 and min(cos) >= 0.99999, (seed, kinks, rel)
+
+
+def test_a_generic_layer_reads_its_skip_sources_in_order():
+    net = mixed()
+    assert net.sources(4) == [3, 1] and net.readers(1) == [2, 4]
+    with pytest.raises(ValueError, match="invalid skip"):  # a built-in layer takes one source
+        PCN([PCNLayer("conv", 3, 4), PCNLayer("conv", 4, 4), PCNLayer("conv", 4, 4, skip_in=4),
+             PCNLayer("dense", 4 * 64, 10, relu=False)], skips={3: (0, 1)})
+    with pytest.raises(ValueError, match="invalid skip"):  # from a later state
+        PCN([GenericLayer(nn.Identity()), GenericLayer(nn.Identity(), relu=False)], skips={2: 2})
