@@ -271,7 +271,7 @@ def _folder_run(tmp_path, capsys, damage):
     lines = [line for line in captured.err.splitlines() if line.startswith("pcn_ep:")]
     started = (tmp_path / "run" / "wandb").exists() or "Params" in captured.out + captured.err
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
-    return code, lines, started
+    return code, lines, started, captured.out
 
 
 @pytest.mark.parametrize("damage, says", [
@@ -287,7 +287,17 @@ def _folder_run(tmp_path, capsys, damage):
 def test_a_bad_image_folder_tree_fails_before_anything_starts(tmp_path, capsys, damage, says):
     """Found at setup, before the model summary, with no W&B run (the finding: an empty class
     folder failed after the sanity check, in torchvision's words, and left a failed W&B run)."""
-    code, lines, started = _folder_run(tmp_path, capsys, damage)
+    code, lines, started, _ = _folder_run(tmp_path, capsys, damage)
     assert not started, lines
     assert code == 1 and len(lines) == 1, lines
     assert re.match(f"pcn_ep: error: {says}", lines[0]), lines[0]
+
+
+def test_a_tree_without_test_split_says_its_test_error_is_the_validation_error(tmp_path, capsys):
+    """Without ROOT/test/, ``test`` evaluates val/, which also chose the best checkpoint: the
+    summary says so (the finding: "test error: top1 16.67%" for the validation set)."""
+    code, lines, _, out = _folder_run(tmp_path, capsys, lambda root: None)
+    assert code == 0 and not lines, lines
+    summary = out[out.index("pcn_ep: done."):]
+    assert "  device: cpu\n" in summary
+    assert re.search(r"test error: top1 [\d.]+%, which is the validation split", summary)  # 2 classes: no top-5

@@ -167,6 +167,12 @@ class TensorDataModule(L.LightningDataModule):
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @property
+    def test_is_val(self) -> bool:
+        """Whether ``test`` evaluates the validation split (a data set without a third split):
+        the summary says so, as that split also chose the best checkpoint."""
+        return bool(self.splits) and self.splits["test"][0] is self.splits["val"][0]
+
     def set_splits(self, splits: dict[str, tuple[Tensor, Tensor]],
                    sources: str | dict[str, str]) -> None:
         """Keep ``splits`` (train, val, test) after checking each once (a split that reuses an

@@ -129,6 +129,11 @@ class ImageNetDataModule(L.LightningDataModule):
                     raise DataError(f"{path}: label {bad[0]} is outside 0..{self.num_classes - 1} "
                                     f"({len(bad)} such labels)")
 
+    @property
+    def test_is_val(self) -> bool:
+        """Whether ``test`` evaluates the validation data (no test split of its own)."""
+        return self.test_path == self.val_path
+
     def example_shape(self) -> tuple[int, ...]:
         """The shape of one normalized input: (channels, image_size, image_size), both backends."""
         return (self.channels, self.image_size, self.image_size)

@@ -209,7 +209,8 @@ class PCNCLI(LightningCLI):
                 else "the network as the config initializes it (untrained: no --ckpt_path)")
         where = getattr(self.datamodule, f"{split}_path", None)
         name = "validation" if split == "val" else "test"
-        return f"{what}, on the {name} split" + (f" ({where})" if where else "")
+        return f"{what}, on the {name} split" + (f" ({where})" if where else "") + (
+            TEST_IS_VAL if split == "test" and getattr(self.datamodule, "test_is_val", False) else "")
 
     def close_wandb(self, status: str | None) -> None:
         """Finish the W&B run (if one started) with this command's own status in its summary, so
@@ -309,6 +310,17 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
+TEST_IS_VAL = ", which is the validation split: the data has no test split of its own"
+
+
+def device_name(trainer: L.Trainer) -> str:
+    """The device the command ran on, in words (``accelerator: auto`` picks it)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}) × {trainer.world_size}"
+    return f"{device.type}" + (f" × {trainer.world_size} processes" if trainer.world_size > 1 else "")
+
+
 def print_summary(trainer: L.Trainer, evaluated: str | None = None) -> None:
     """What a finished command leaves behind, in a few lines: after ``fit``, the test error and
     where the checkpoints are; after ``validate`` / ``test``, what was ``evaluated`` and its
@@ -319,8 +331,11 @@ def print_summary(trainer: L.Trainer, evaluated: str | None = None) -> None:
     split = "val" if evaluated and trainer.state.fn == "validate" else "test"
     errors = [f"{name.split('/')[1].replace('_error', '')} {100 * float(metrics[name]):.2f}%"
               for name in (f"{split}/top1_error", f"{split}/top5_error") if name in metrics]
-    lines = [f"evaluated: {evaluated}"] if evaluated else []
-    lines += [f"{'validation' if split == 'val' else 'test'} error: {', '.join(errors)}"] if errors else []
+    lines = [f"device: {device_name(trainer)}"]
+    lines += [f"evaluated: {evaluated}"] if evaluated else []
+    data = getattr(trainer, "datamodule", None)
+    also = TEST_IS_VAL if not evaluated and getattr(data, "test_is_val", False) else ""
+    lines += [f"{'validation' if split == 'val' else 'test'} error: {', '.join(errors)}{also}"] if errors else []
     if evaluated is None:
         best = [c.best_model_path for c in model_checkpoints(trainer) if c.best_model_path]
         last = last_checkpoint_path(trainer)
