@@ -4,7 +4,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from helpers import batch, ep_estimator
-from pcn_ep.core import (VGG5, VGG10, Backprop, DivergenceError, MLP, VGG10Skip,
+from pcn_ep.core import (VGG5, VGG10, Backprop, DivergenceError, MLP, ResNetPCN, VGG10Skip,
                          compile_estimator)
 
 SYNCS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.nonzero,
@@ -47,6 +47,8 @@ NETS = {
     "vgg10": (lambda: VGG10(3, 10, input_size=32, width_mult=0.0625, fc_width=64), (4, 3, 32, 32)),
     "vgg10skip": (lambda: VGG10Skip(3, 10, input_size=32, width_mult=0.0625, fc_width=64),
                   (4, 3, 32, 32)),
+    # generic layers (torch.func VJPs) with BatchNorm: each nudged copy apart, no running update
+    "resnet": (lambda: ResNetPCN(3, 10, 8, width_mult=1 / 16, blocks=(1, 1)), (4, 3, 8, 8)),
 }
 
 

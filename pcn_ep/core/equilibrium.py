@@ -176,6 +176,7 @@ class NudgedState:
         self.kinks: list[int] | None = None
         self.crossed = ([None] + [torch.zeros((copies, *a.shape), dtype=torch.bool, device=a.device)
                                   for a in free.a[1:L]] if count_kinks else None)
+        self.inner: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # generic: (free signs, crossed)
 
     # -- free quantities (recomputed from a*, which is all that is stored) ---------------------
     def free_h(self, k: int) -> Tensor:
@@ -233,8 +234,17 @@ class NudgedState:
         """δa_k from the perturbations of layer k's inputs: one linear map (and one pool)."""
         layer, s = self.net.layers[k - 1], self.net.sources(k)
         if isinstance(layer, GenericLayer):
-            a, self.pullbacks[k] = layer.input_vjp([self.absolute(j) for j in s], self.copies)
+            inputs = [self.absolute(j) for j in s]
+            a, self.pullbacks[k] = layer.input_vjp(inputs, self.copies)
             self.delta_a[k] = self.split(a.to(self.free.a[k].dtype)) - self.free.a[k]
+            if self.crossed is not None and k < self.net.depth:  # kinks inside g_k
+                if k not in self.inner:
+                    free = layer.inner_signs([self.flat(self.free_h(j).expand(
+                        self.copies, *self.free_h(j).shape)) for j in s], self.copies)
+                    self.inner[k] = free, [torch.zeros_like(m) for m in free]
+                free, crossed = self.inner[k]
+                for c, f, now in zip(crossed, free, layer.inner_signs(inputs, self.copies)):
+                    c |= f != now
             return self.count_crossings(k)
         inputs = [None if self.delta[j] is None else self.flat(self.delta[j]) for j in s]
         if inputs[0] is None:  # only the skip input moved
@@ -382,5 +392,6 @@ def nudged_phase(
         state.refresh(k)
     state.error_layers, state.trace = error_layers, history
     if count_kinks:
-        state.kinks = [int(m.sum()) for m in state.crossed[1:]]
+        state.kinks = [int(m.sum()) + sum(int(c.sum()) for c in state.inner.get(k, ([], []))[1])
+                       for k, m in enumerate(state.crossed[1:], start=1)]
     return state

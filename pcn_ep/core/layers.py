@@ -229,7 +229,8 @@ class GenericLayer(Layer):
     ∂F/∂θ_k); here they are vector-Jacobian products of g_k (``torch.func.vjp``), so any
     differentiable module works. The price against ``PCNLayer``: one forward of g_k per refresh, and
     δa_k = g_k(h) − a*_k is a difference of absolute values (exact to the rounding of a*_k, not to
-    the perturbation's own digits). Only the output ReLU's kinks are counted; kinks inside g_k are not.
+    the perturbation's own digits). Kinks are counted at the output ReLU and at every ``nn.ReLU``
+    module inside g_k (``inner_signs``); other kinks inside g_k (a max-pool's winner, ``F.relu``) are not.
 
     Batch statistics. BatchNorm in training mode makes g_k a function of the whole batch. The batch is
     then one system, F summed over it, and what EP must match is backprop of the training forward:
@@ -292,6 +293,19 @@ class GenericLayer(Layer):
             return g(*inputs)
         parts = [x.unflatten(0, (copies, -1)) for x in inputs]
         return torch.cat([g(*(p[c] for p in parts)) for c in range(copies)])
+
+    def inner_signs(self, inputs: list[Tensor], copies: int) -> list[Tensor]:
+        """Where the input of each ``nn.ReLU`` inside g_k is > 0, at ``inputs`` (a diagnostic: a
+        change from the free state is a kink crossed inside g_k)."""
+        signs: list[Tensor] = []
+        hooks = [m.register_forward_pre_hook(lambda _, args: signs.append(args[0] > 0))
+                 for m in self.module.modules() if isinstance(m, nn.ReLU)]
+        try:
+            self.nudged(inputs, copies)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return signs
 
     def input_vjp(self, inputs: list[Tensor], copies: int):
         """(a, pullback): a = ``nudged(inputs)``, and grad_a ↦ (∂a/∂inputs)^T grad_a, one tensor per

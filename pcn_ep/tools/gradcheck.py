@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ..argtypes import classes, nonneg_float, positive_float, positive_int, real, seed, unit_float
 from ..commandline import CommandParser
-from ..core import (NETWORKS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES, Dynamics,
-                    EquilibriumPropagation, gradient_fidelity)
+from ..core import (NETWORKS, NORMS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES,
+                    Dynamics, EquilibriumPropagation, gradient_fidelity)
 
 # What float64 centered EP meets on the default network (VGG5 at 1/8 width, 32×32, batch 4, β 1e-3,
 # K = L, mod-PGD, async, random inputs), worst tensor of the worst seed: free routing, seeds 0-99,
@@ -39,15 +39,17 @@ def build_network(args: argparse.Namespace) -> PCN:
         width = max(1, round(256 * args.width_mult))
         return NETWORKS["mlp"](args.in_channels * args.input_size**2, args.num_classes,
                                hidden=(width, width))
+    extra = {"norm": args.norm} if args.model == "resnet18" else {}
     return NETWORKS[args.model](in_channels=args.in_channels, num_classes=args.num_classes,
-                                input_size=args.input_size, width_mult=args.width_mult)
+                                input_size=args.input_size, width_mult=args.width_mult, **extra)
 
 
 def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None:
     """The flags that pick a network (shared by ``gradcheck`` and ``bench``)."""
     p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5",
                    help="the network: vgg5, vgg10 and vgg10skip as in the paper's Tables 5-6 and "
-                        "Sec. 5.5, or an MLP with two hidden layers of 256 x --width-mult units")
+                        "Sec. 5.5, resnet18 (ResNet-18's layout of generic layers, a state per "
+                        "block), or an MLP with two hidden layers of 256 x --width-mult units")
     p.add_argument("--width-mult", type=positive_float, default=width_mult,
                    help="channel (or unit) count relative to the paper's network")
     p.add_argument("--input-size", type=positive_int, default=32,
@@ -55,6 +57,10 @@ def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None
     p.add_argument("--in-channels", type=positive_int, default=3,
                    help="input channels (3 for colour images, 1 for grey)")
     p.add_argument("--num-classes", type=classes, default=10, help="output classes")
+    p.add_argument("--norm", choices=NORMS, default="batch",
+                   help="resnet18 only: the normalization after each conv (batch: BatchNorm with "
+                        "each nudged copy's batch statistics; group, layer or none) "
+                        "(default: %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
