@@ -395,7 +395,8 @@ def configuration(args: argparse.Namespace, device: str, batch: str | None = Non
              else f"{args.in_channels * args.input_size ** 2} features")
     extras = [name for name, on in (("compiled", args.compile), ("channels-last", args.channels_last))
               if on]
-    return (f"{args.model.upper()} (width ×{args.width_mult:g}, {args.num_classes} classes), input "
+    norm = f", {args.norm} norm" if args.model == "resnet18" else ""
+    return (f"{args.model.upper()} (width ×{args.width_mult:g}{norm}, {args.num_classes} classes), input "
             f"{shape}, batch {batch or args.batch_size}; {args.scheme} EP, β {args.beta:g}, K {args.K}, "
             f"{args.rule}, {args.order}, pool routing {args.pool_routing}; {device}, "
             f"precision {args.precision}"
