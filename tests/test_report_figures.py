@@ -139,3 +139,13 @@ def test_fig_8s_report_says_what_was_run(tmp_path):
         low, high = ax.get_xlim()
         assert all(float(t).is_integer() for t in ax.get_xticks() if low <= t <= high)
         assert "2 distinct curves of 3 images" in ax.get_title()
+
+
+def test_relative_errors_over_decades_get_a_log_axis(tmp_path):
+    """Fig. 5's smoke runs: one diverging α = 1 cell at 62.9 put 0.017 and 0.99 both at 0."""
+    runs, cells = _fidelity_root(tmp_path, [[(0, 0.9999, 0.0172)], [(0, 0.99, 0.99)],
+                                            [(0, -0.8, 62.9)]])
+    cosine, rel_err = report.build_fidelity_figure("fig_batch_size", runs, cells).axes
+    assert rel_err.get_xscale() == "log" and cosine.get_xscale() == "linear"
+    low, high = cosine.get_xlim()
+    assert low <= -0.8 and high >= 1.0

@@ -454,14 +454,16 @@ PAPER_KEY = {"val/top1_error": "top1", "val/top5_error": "top5"}  # a curve's fi
 FIDELITY_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity) per epoch, the mean of "
                     "its checks in that epoch: the worst parameter tensor's cosine and relative "
                     "error between EP's gradient estimate and backprop's gradient on the same batch "
-                    "and weights (1 and 0 are exact; the axes span at least 0.99–1 and 0–0.1; cells "
-                    "side by side, at most 0.15 epoch off).")
+                    "and weights (1 and 0 are exact; the axes span at least 0.99–1 and 0–0.1, relative "
+                    "errors over more than two decades on a log axis; cells side by side, at most "
+                    "0.15 epoch off).")
 FIDELITY_DOTS_CAPTION = ("Figure: the gradient-fidelity monitor (GradientFidelity), one row per EP "
                          "cell: every run was checked in one epoch only, so a dot (the mean of its "
                          "checks, mean over seeds), not a curve: the worst parameter tensor's cosine "
                          "and relative error between EP's gradient estimate and backprop's gradient "
                          "on the same batch and weights (1 and 0 are exact; the axes span at least "
-                         "0.99–1 and 0–0.1, so that equal values look equal).")
+                         "0.99–1 and 0–0.1, so that equal values look equal; relative errors over more "
+                         "than two decades on a log axis).")
 def _network(energy: dict) -> str:
     """The network ``pcn_ep energy`` evaluated: a checkpoint's, or the one at initialization."""
     ckpt = energy.get("checkpoint")
@@ -726,8 +728,14 @@ def _points(cell: dict, metric: str) -> dict:
 
 def _fidelity_range(ax, metric: str, values: list[float], axis: str = "y") -> None:
     """A fidelity axis spans at least 0.99–1 (cosine) or 0–0.1 (relative error): autoscaled to
-    0.99986–0.99996, equal values would look far apart."""
+    0.99986–0.99996, equal values would look far apart. Relative errors spanning more than two
+    decades get a log axis."""
     if not values:
+        return
+    if metric != "fidelity/min_cosine" and min(values) > 0 and max(values) > 100 * min(values):
+        # relative errors over more than two decades (0.02 beside 60 for a diverging α = 1):
+        # on a linear axis every value but the largest would sit at 0
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
         return
     if metric == "fidelity/min_cosine":
         low, high = min(min(values), 0.99), 1.0
