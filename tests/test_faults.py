@@ -52,15 +52,6 @@ def start(path, *extra, env=None):
     return proc
 
 
-def wait_for_training(proc, folder, timeout=240):
-    """Until the first checkpoint-free sign that steps are running: the CSV logger's folder."""
-    start_time = time.time()
-    while not (folder / "csv").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - start_time < timeout, "training never started"
-        time.sleep(0.2)
-
-
 def slow_config(tmp_path, **cfg_trainer):
     """Long enough that a signal lands mid-epoch: 3 epochs of the whole digits split, K=12."""
     path, cfg = tiny_config(tmp_path, K=12, t_max=3, scheme="random")

@@ -51,7 +51,7 @@ def test_a_signalled_job_saves_requeues_and_resumes_from_its_last_ckpt(tmp_path,
         ["tiny", "--smoke", "--launcher", "slurm", "--wait", "--no-report", "--out", str(tmp_path)])))
     sweep.start()
     try:
-        _wait_for((run_dir / "checkpoints" / "last.ckpt").exists, 150, "the first epoch's last.ckpt")
+        _wait_for((run_dir / "checkpoints" / "last.ckpt").exists, 600, "the first epoch's last.ckpt")
         job = _submitit_job()
         (fit,) = job.children()
         # SLURM signals every process of the job: the fit process ignores submitit's signal, the
@@ -59,7 +59,7 @@ def test_a_signalled_job_saves_requeues_and_resumes_from_its_last_ckpt(tmp_path,
         os.kill(fit.pid, signal.SIGUSR2)
         time.sleep(0.5)
         os.kill(job.pid, signal.SIGUSR2)
-        sweep.join(timeout=150)
+        sweep.join(timeout=600)  # bounds for a broken run, not timings the test relies on
     finally:  # a failed wait must not leave the job training in the background of later tests
         if sweep.is_alive():
             for child in psutil.Process().children(recursive=True):

@@ -1,8 +1,10 @@
 """Divergence guard, SIGTERM preemption, SIGKILL crash recovery, atomic checkpoints."""
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -89,13 +91,16 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path):
 
 
 def _start(path, *extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "pcn_ep", "fit", "--config", str(path), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _slow_config(tmp_path):
+def _slow_config(tmp_path, *callbacks):
     path, cfg = tiny_config(tmp_path, K=12, t_max=3)
     cfg["trainer"].update(max_epochs=3, limit_train_batches=None)
+    cfg["trainer"]["callbacks"] += list(callbacks)
     import yaml
 
     path.write_text(yaml.safe_dump(cfg))
@@ -111,17 +116,20 @@ def _wait_for(path, proc, timeout=120):
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_the_run_completes(tmp_path):
-    path = _slow_config(tmp_path)
+    """A SIGTERM from another process, in training (the run waits for it at step 3: under load,
+    a second's sleep after the run folder appeared once landed in setup instead)."""
+    marker = tmp_path / "at_step_3"
+    path = _slow_config(tmp_path, {"class_path": "signal_at.SignalAt", "init_args": {
+        "signal": None, "at": "train", "step": 3, "marker": str(marker)}})
     proc = _start(path)
-    _wait_for(tmp_path / "csv", proc)  # the run has started training
-    time.sleep(1.0)
+    _wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err  # 128 + SIGTERM: stopped, not finished
     assert "--ckpt_path last" in err.splitlines()[-1]
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["epoch"] < 2
-    resumed = _start(path, "--ckpt_path", "last")
+    assert saved["epoch"] == 0 and saved["global_step"] == 4   # after step 3, never cut short
+    resumed = _start(_slow_config(tmp_path), "--ckpt_path", "last")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     done = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
