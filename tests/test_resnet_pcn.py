@@ -1,4 +1,4 @@
-"""ResNetPCN: EP equals backprop of the training forward, with BatchNorm, GroupNorm, LayerNorm or none."""
+"""ResNetPCN: EP equals backprop of the training forward (BatchNorm, GroupNorm, LayerNorm, none)."""
 import copy
 
 import pytest
@@ -93,3 +93,14 @@ def test_resnet18_layout():
     with pytest.raises(ValueError, match="norm must be one of"):
         ResNetPCN(norm="instance")
     assert Backprop()(net, torch.randn(2, 3, 32, 32), torch.tensor([0, 1])).loss > 0
+
+
+def test_bench_times_resnet18(capsys):
+    """``bench`` counts FLOPs with FlopCounterMode, whose module hooks once broke inside the
+    generic layers' VJPs (leaf inputs inside ``autograd.grad``)."""
+    from pcn_ep.tools import bench
+
+    code = bench.main(["--model", "resnet18", "--norm", "batch", "--width-mult", "0.0625",
+                       "--input-size", "8", "--batch-size", "4", "--steps", "1", "--K", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "RESNET18 (width ×0.0625, batch norm" in out and "EP/BP" in out, out

@@ -176,7 +176,8 @@ class NudgedState:
         self.kinks: list[int] | None = None
         self.crossed = ([None] + [torch.zeros((copies, *a.shape), dtype=torch.bool, device=a.device)
                                   for a in free.a[1:L]] if count_kinks else None)
-        self.inner: dict[int, tuple[list[Tensor], list[Tensor]]] = {}  # generic: (free signs, crossed)
+        # generic layers' kinks inside g_k: {k: (signs at the free state, crossed)}
+        self.inner: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
 
     # -- free quantities (recomputed from a*, which is all that is stored) ---------------------
     def free_h(self, k: int) -> Tensor:

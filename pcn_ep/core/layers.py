@@ -230,7 +230,8 @@ class GenericLayer(Layer):
     differentiable module works. The price against ``PCNLayer``: one forward of g_k per refresh, and
     δa_k = g_k(h) − a*_k is a difference of absolute values (exact to the rounding of a*_k, not to
     the perturbation's own digits). Kinks are counted at the output ReLU and at every ``nn.ReLU``
-    module inside g_k (``inner_signs``); other kinks inside g_k (a max-pool's winner, ``F.relu``) are not.
+    module inside g_k (``inner_signs``); other kinks inside g_k (a max-pool's winner, ``F.relu``)
+    are not.
 
     Batch statistics. BatchNorm in training mode makes g_k a function of the whole batch. The batch is
     then one system, F summed over it, and what EP must match is backprop of the training forward:
@@ -310,7 +311,9 @@ class GenericLayer(Layer):
     def input_vjp(self, inputs: list[Tensor], copies: int):
         """(a, pullback): a = ``nudged(inputs)``, and grad_a ↦ (∂a/∂inputs)^T grad_a, one tensor per
         input, in grad_a's dtype."""
-        a, pullback = vjp(lambda *xs: self.nudged(list(xs), copies), *inputs)
+        # x.view_as(x): the module sees non-leaf inputs, so hooks that ask the autograd engine
+        # about them (FlopCounterMode's module tracker) work inside the VJP's autograd.grad
+        a, pullback = vjp(lambda *xs: self.nudged([x.view_as(x) for x in xs], copies), *inputs)
 
         def transposed(grad_a: Tensor) -> tuple[Tensor, ...]:
             return tuple(g.to(grad_a.dtype) for g in pullback(grad_a.to(a.dtype)))
