@@ -203,8 +203,7 @@ def test_print_commands_stops_quietly_when_the_reader_goes(monkeypatch):
 
 # -- missing data ---------------------------------------------------------------------------------
 def test_missing_data_fails_before_the_first_run_naming_the_flag(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(reproduce, "ROOT", tmp_path)   # no data/ there, whatever this checkout has
-    monkeypatch.chdir(tmp_path)                        # relative data roots are read from here
+    monkeypatch.chdir(tmp_path)   # relative data roots are read from here: no data/ there
     monkeypatch.setattr(reproduce, "run_one", lambda *a: pytest.fail("a run started"))
     start = time.time()
     assert reproduce.main(["table_costs", "--gpus", "0", "--out", str(tmp_path / "out")]) == 2
