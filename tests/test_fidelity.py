@@ -132,3 +132,38 @@ def test_interval_must_be_a_positive_integer():
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="every_n_steps"):
             GradientFidelity(bad)
+
+
+def test_the_check_leaves_a_batchnorms_running_statistics_alone():
+    """Its backprop and EP passes run the network in training mode: without putting the buffers
+    back, each check would move BatchNorm's running statistics twice more than training does."""
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+
+    from pcn_ep.core import ResNetPCN
+
+    torch.manual_seed(0)
+    net = ResNetPCN(in_channels=1, num_classes=3, input_size=8, width_mult=1 / 16, blocks=(1,),
+                    norm="batch")
+    before = [b.clone() for b in net.buffers()]
+    ep = EquilibriumPropagation("ce", "nudge", "centered", 1e-3, Dynamics(4, "mod-pgd", "async", 1.0))
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, current_epoch=0, loggers=[],
+                              precision_plugin=SimpleNamespace(train_step_context=nullcontext))
+    module = SimpleNamespace(estimator=ep, network=net)
+    GradientFidelity(1).on_train_batch_start(trainer, module, (torch.randn(6, 1, 8, 8),
+                                                               torch.tensor([0, 1, 2, 0, 1, 2])), 0)
+    assert len(before) > 2 and all(torch.equal(a, b) for a, b in zip(before, net.buffers()))
+
+
+def test_the_input_shape_probe_leaves_a_batchnorms_running_statistics_alone():
+    """The module's setup sends one zero example through the network: in eval mode, or
+    BatchNorm's running statistics would start from a step of zeros."""
+    from pcn_ep.core import ResNetPCN
+    from pcn_ep.training.module import PCNEPModule
+
+    net = ResNetPCN(in_channels=1, num_classes=3, input_size=8, width_mult=1 / 16, blocks=(1,),
+                    norm="batch")
+    before = [b.clone() for b in net.buffers()]
+    module = PCNEPModule(net, K=4)
+    module._check_input_shape((1, 8, 8))
+    assert module.network.training and all(torch.equal(a, b) for a, b in zip(before, net.buffers()))

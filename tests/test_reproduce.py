@@ -257,3 +257,21 @@ def test_energy_curves_follow_the_configs_pool_routing():
               for routing in ("free", "nudged")}
     assert traced["free"][0] == traced["nudged"][0]          # the same free state
     assert traced["free"][-1] != pytest.approx(traced["nudged"][-1], rel=1e-9, abs=0)
+
+
+def test_energy_curves_of_a_batchnorm_network_run_each_sign_alone():
+    """A BatchNorm layer couples a batch: the +β copy's curve is its own nudged phase, not one
+    pooled with the −β copy (the tool once stacked [x; x], pooling the statistics)."""
+    from pcn_ep.core import ResNetPCN, get_cost, nudged_phase
+
+    torch.manual_seed(0)
+    net = ResNetPCN(in_channels=1, num_classes=3, input_size=8, width_mult=1 / 16, blocks=(1,),
+                    norm="batch").double()
+    x, y = batch((6, 1, 8, 8), 3)
+    dynamics = Dynamics(6, "mod-pgd", "async", 1.0)
+    curves = energy_curves(net, x, y, "ce", 0.5, dynamics)
+    with torch.no_grad():
+        alone = nudged_phase(net, net.free_phase(x), y, torch.full((6,), 0.5, dtype=torch.float64),
+                             get_cost("ce"), dynamics, trace=True)
+    f = torch.stack([e + 0.5 * c for e, c in alone.trace])
+    assert torch.allclose(torch.tensor(curves["mod-pgd/+"]["mean"], dtype=torch.float64), f.mean(1))

@@ -51,18 +51,6 @@ class FreeState:
         """h*_k = f_k(a*_k) for k ≥ 1."""
         return torch.relu(self.a[k]) if self.relu[k] else self.a[k]
 
-    def repeat(self, copies: int) -> "FreeState":
-        """Stack ``copies`` copies along the batch (for a caller that passes one β per copy;
-        the estimators do not need it: the nudged phase broadcasts one free state over the signs)."""
-        if copies == 1:
-            return self
-
-        def rep(ts):
-            return [None if t is None else torch.cat([t] * copies) for t in ts]
-
-        return FreeState(torch.cat([self.x] * copies), rep(self.a), rep(self.d), rep(self.indices),
-                         self.relu)
-
 
 class PCN(nn.Module):
     """A predictive coding network over a feedforward chain.

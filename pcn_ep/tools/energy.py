@@ -27,21 +27,21 @@ from ..core import Dynamics, get_cost, nudged_phase
 
 def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics,
                   pool_routing: str = "free") -> dict:
-    """Per-image F(K) for both rules at +β and −β: one free phase, then per rule one batched nudged
-    phase over [x; x] with β_i = [+β; −β] (as the centered estimator runs it), no weight gradients.
-    ``pool_routing``: the training config's (see ``pcn_ep.core.equilibrium``)."""
-    n, curves = len(y), {}
-    betas = torch.cat([torch.full((n,), beta), torch.full((n,), -beta)]).to(x.device, torch.float64)
+    """Per-image F(K) for both rules at +β and −β: one free phase, then per rule and sign one
+    nudged phase (the signs apart, as the estimators run a batch-coupled layer such as BatchNorm:
+    each copy with its own statistics), no weight gradients. ``pool_routing``: the training
+    config's (see ``pcn_ep.core.equilibrium``)."""
+    curves = {}
     with torch.no_grad():
-        free = network.free_phase(x).repeat(2)
+        free = network.free_phase(x)
         for rule in ("mod-pgd", "pgd"):
-            nudged = nudged_phase(network, free, y.repeat(2), betas, get_cost(cost),
-                                  Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
-                                  trace=True, pool_routing=pool_routing)
-            f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × 2n
-            for sign, half in (("+", f[:, :n]), ("-", f[:, n:])):
-                curves[f"{rule}/{sign}"] = {"mean": half.mean(1).tolist(),
-                                            "per_image": half.T.tolist()}
+            for sign, b in (("+", beta), ("-", -beta)):
+                betas = torch.full((len(y),), b, dtype=torch.float64, device=x.device)
+                nudged = nudged_phase(network, free, y, betas, get_cost(cost),
+                                      Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
+                                      trace=True, pool_routing=pool_routing)
+                f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × n
+                curves[f"{rule}/{sign}"] = {"mean": f.mean(1).tolist(), "per_image": f.T.tolist()}
     return curves
 
 

@@ -14,7 +14,8 @@ random-scheme signs, it compares the EP estimate with backprop's gradient
 
 It does not disturb training: the gradients come from ``torch.autograd.grad`` (no ``.grad`` is
 written and no DDP hook fires), the random signs from a copy of the module's sign generator (the
-step then draws the very same signs), and the estimator is copied before kink counting is switched on.
+step then draws the very same signs), the estimator is copied before kink counting is switched on,
+and the network's buffers (a BatchNorm's running statistics) are put back after the check.
 Under DDP only global rank 0 computes, on its own batch, with no collective inside, so it cannot
 deadlock: the other ranks reach the step's all-reduce first and wait there for rank 0, as for a slow
 step. Cost per check: one backprop and one EP estimate with kink counting (README, BENCHMARKS.md).
@@ -53,8 +54,13 @@ class GradientFidelity(Callback):
             return
         self._checked_step = step  # a skipped (diverged) batch does not advance the step
         x, y = batch
+        # the check's own forward passes must not move a normalization layer's running statistics
+        buffers = [(b, b.clone()) for b in pl_module.network.buffers()]
         with trainer.precision_plugin.train_step_context():
             report = gradient_fidelity(pl_module.network, ep, x, y, next_signs(ep, x))
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
         self.latest = {**metrics(report), "epoch": float(trainer.current_epoch)}
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)

@@ -173,12 +173,14 @@ class PCNEPModule(L.LightningModule):
             self._flag_group = torch.distributed.new_group(backend="gloo")
 
     def _check_input_shape(self, shape: tuple[int, ...]) -> None:
-        """One example of the data's shape through the network, on the CPU, before training."""
+        """One example of the data's shape through the network, on the CPU, before training; in
+        eval mode, so that a normalization layer's running statistics do not see the probe."""
         first = self.network.layers[0].weight
         probe = torch.zeros((1, *shape), dtype=first.dtype, device=first.device)
+        training = self.network.training
         try:
             with torch.no_grad():
-                self.network(probe)
+                self.network.eval()(probe)
         except RuntimeError as err:
             wants = (f"in_channels {first.shape[1]}" if first.dim() == 4 else f"in_features {first.shape[1]}")
             raise ValueError(
@@ -186,6 +188,8 @@ class PCNEPModule(L.LightningModule):
                 f"({type(self.network).__name__}, {wants}) cannot take them: "
                 f"{str(err).splitlines()[0]} (set model.network.init_args.in_channels / input_size "
                 "to match the data)") from None
+        finally:
+            self.network.train(training)
 
     def on_fit_start(self) -> None:
         """The random scheme's signs are drawn on the device (no host sync), from a generator made
