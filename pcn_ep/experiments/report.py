@@ -930,9 +930,10 @@ def _dots(ax, cells: dict, metric: str) -> None:
     ax.grid(axis="y", color="0.9")
     _fidelity_range(ax, metric, values, axis="x")
     low, high = ax.get_xlim()
+    middle = math.sqrt(low * high) if ax.get_xscale() == "log" else (low + high) / 2
     for row, v in zip(rows, values):   # the value on the side with room
-        right = v < (low + high) / 2
-        ax.annotate(f"{v:.5f}" if metric == "fidelity/min_cosine" else f"{v:.4f}", (v, row),
+        right = v < middle
+        ax.annotate(f"{v:.5f}" if metric == "fidelity/min_cosine" else f"{v:.3g}", (v, row),
                     xytext=(7 if right else -7, 0), textcoords="offset points", va="center",
                     ha="left" if right else "right", fontsize=8)
     epochs = sorted({e + 1 for c in cells.values() for e in _points(c, metric)})
