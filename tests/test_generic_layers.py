@@ -4,24 +4,7 @@ import torch
 from torch import nn
 
 from helpers import batch, compare, ep_estimator
-from pcn_ep.core import PCN, VGG5, GenericLayer, PCNLayer
-
-
-def generic_twin(net: VGG5) -> PCN:
-    """The same VGG5 from plain modules (conv, max-pool, flatten, linear), with its weights."""
-    layers = []
-    for layer in net.layers:
-        if layer.kind == "conv":
-            conv = nn.Conv2d(layer.weight.shape[1], layer.weight.shape[0], 3, padding=1)
-            module = nn.Sequential(conv, nn.MaxPool2d(2)) if layer.pool else conv
-        else:
-            conv = nn.Linear(layer.weight.shape[1], layer.weight.shape[0])
-            module = nn.Sequential(nn.Flatten(), conv)
-        with torch.no_grad():
-            conv.weight.copy_(layer.weight)
-            conv.bias.copy_(layer.bias)
-        layers.append(GenericLayer(module, relu=layer.relu))
-    return PCN(layers).to(net.layers[0].weight.dtype)
+from pcn_ep.core import PCN, VGG5, GenericLayer, PCNLayer, as_generic
 
 
 SETTINGS = [  # (cost, scheme, rule, order, alpha, perturbation)
@@ -39,7 +22,7 @@ def test_vgg5_from_generic_layers_gives_the_fast_paths_estimate(cost, scheme, ru
     current winner: the built-in layers' ``pool_routing="nudged"``."""
     torch.manual_seed(0)
     fast = VGG5(3, 10, 16, width_mult=1 / 32).double()
-    slow = generic_twin(fast)
+    slow = as_generic(fast)
     x, y = batch((3, 3, 16, 16), 10)
     torch.testing.assert_close(slow(x), fast(x), rtol=1e-12, atol=1e-12)
     ep = ep_estimator(cost, scheme, beta=1e-3, K=fast.depth, rule=rule, order=order, alpha=alpha,
@@ -98,3 +81,25 @@ def test_a_generic_layer_reads_its_skip_sources_in_order():
              PCNLayer("dense", 4 * 64, 10, relu=False)], skips={3: (0, 1)})
     with pytest.raises(ValueError, match="invalid skip"):  # from a later state
         PCN([GenericLayer(nn.Identity()), GenericLayer(nn.Identity(), relu=False)], skips={2: 2})
+
+
+def test_bench_times_the_generic_twin_beside_the_closed_form(capsys):
+    """``bench --generic``: the VJP path's EP step beside the closed form's, in one run."""
+    import json
+
+    from pcn_ep.tools import bench
+
+    args = ["--width-mult", "0.0625", "--input-size", "16", "--batch-size", "2", "--steps", "1",
+            "--K", "3", "--generic"]
+    assert bench.main(args) == 0
+    assert "EP with generic layers (the same network from plain modules, VJPs)" in capsys.readouterr().out
+    assert bench.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["generic_ratio"] == report["ep_generic_step_s"] / report["ep_step_s"]
+
+
+def test_as_generic_refuses_what_it_cannot_rebuild():
+    from pcn_ep.core import VGG10Skip
+
+    with pytest.raises(ValueError, match="has skips or generic layers"):
+        as_generic(VGG10Skip(in_channels=1, num_classes=3, input_size=32, width_mult=1 / 64))

@@ -98,7 +98,7 @@ class PCNLayer(Layer):
         self.reset_parameters(gain, fan_mode if kind == "conv" else "fan_in", bias_init)
 
     def reset_parameters(self, gain: float, fan_mode: str, bias_init: str) -> None:
-        """Spec Eq. 21: U(−γ/sqrt(fan), +γ/sqrt(fan)), fan = ch·kh·kw of the chosen side."""
+        """The paper's Eq. 21: U(−γ/sqrt(fan), +γ/sqrt(fan)), fan = ch·kh·kw of the chosen side."""
         for w in (self.weight, self.skip_weight):
             if w is None:
                 continue

@@ -210,7 +210,8 @@ class VGG5(PCN):
     ``variant="4conv"`` (default): conv128-pool, conv256-pool, conv512-pool, conv512-pool, dense; five
     weight layers, as the name says and as in PCX's VGG5 and Scellier et al. (2023), which this paper
     builds on. ``variant="5conv"``: the six rows of the extracted table (conv128, conv256-pool,
-    conv512-pool, conv512-pool, conv512-pool, dense). Spec §4 flags the discrepancy.
+    conv512-pool, conv512-pool, conv512-pool, dense): six weight layers for a net the paper calls
+    "5-layer"; the text (App. B.2) does not say which it ran.
     Convs use fan_in (the paper's Eq. 21); ``output_gain=0.2`` is Fig. 3's variant.
 
     Args:
@@ -453,6 +454,30 @@ class ResNetPCN(PCN):
                 bound = (output_gain if m is head else gain) / math.sqrt(m.weight[0].numel())
                 nn.init.uniform_(m.weight, -bound, bound)
         super().__init__(layers)
+
+
+def as_generic(network: PCN) -> PCN:
+    """The same chain of built-in layers rebuilt from plain modules (conv 3×3, max-pool, flatten,
+    linear) as ``GenericLayer``s, with the same weights: the VJP path beside the closed form, for
+    ``bench --generic`` and the tests that check both give one estimate. Skips are not rebuilt."""
+    if network.skips or not all(isinstance(layer, PCNLayer) for layer in network.layers):
+        raise ValueError(f"{type(network).__name__} has skips or generic layers: as_generic "
+                         "rebuilds a plain chain of built-in layers")
+    layers = []
+    for layer in network.layers:
+        out_features, in_features = layer.weight.shape[:2]
+        if layer.kind == "conv":
+            core = nn.Conv2d(in_features, out_features, 3, padding=1)
+            module = nn.Sequential(core, nn.MaxPool2d(2)) if layer.pool else core
+        else:
+            core = nn.Linear(in_features, out_features)
+            module = nn.Sequential(nn.Flatten(), core)
+        with torch.no_grad():
+            core.weight.copy_(layer.weight)
+            core.bias.copy_(layer.bias)
+        layers.append(GenericLayer(module, relu=layer.relu))
+    first = network.layers[0].weight
+    return PCN(layers).to(device=first.device, dtype=first.dtype)
 
 
 NETWORKS = {"mlp": MLP, "vgg5": VGG5, "vgg10": VGG10, "vgg10skip": VGG10Skip,

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..argtypes import output_file, positive_float, positive_int, seed
 from ..commandline import CommandParser
 from ..core import (ORDERS, POOL_ROUTINGS, RULES, SCHEMES, Backprop, Dynamics,
-                    EquilibriumPropagation, compile_estimator)
+                    EquilibriumPropagation, as_generic, compile_estimator)
 from ..training.fastfit import training_step
 from .gradcheck import add_network_arguments, build_network
 
@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
                    help="store images and activations channels-last (NHWC), often faster on GPUs")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each estimate whole (core.compile_estimator)")
+    p.add_argument("--generic", action="store_true",
+                   help="also time EP on the same network rebuilt from plain torch modules "
+                        "(GenericLayer: vector-Jacobian products instead of the closed-form maps), "
+                        "with the same weights and batch")
     p.add_argument("--steps", type=positive_int, default=10,
                    help="timed training steps per method, after two warm-up steps (the median "
                         "is reported)")
@@ -172,7 +176,13 @@ def run(args: argparse.Namespace) -> dict:
     bp_s, bp_flops, bp_kernels = measure(network, estimator(args, "bp"), optimizer, x, y, args)
     name = torch.cuda.get_device_name(args.device) if args.device == "cuda" else "cpu"
     peak = next((v[args.precision] for k, v in PEAK_FLOPS.items() if k in name), None)
-    return {
+    generic = {}
+    if args.generic:
+        twin = as_generic(network)
+        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=1e-3, momentum=0.9)
+        generic_s = measure(twin, estimator(args, args.scheme), twin_optimizer, x, y, args)[0]
+        generic = {"ep_generic_step_s": generic_s, "generic_ratio": generic_s / ep_s}
+    return {**generic,
         "ep_step_s": ep_s, "bp_step_s": bp_s, "time_ratio": ep_s / bp_s,
         "ep_flops": ep_flops, "bp_flops": bp_flops, "flop_ratio": ep_flops / bp_flops,
         "ep_kernels": ep_kernels, "bp_kernels": bp_kernels,
@@ -419,4 +429,8 @@ def timing_table(args: argparse.Namespace, report: dict) -> str:
     lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.append(f"  EP throughput {report['images_per_s']:.1f} images/s"
                  + (f", MFU {report['mfu']:.1%}" if report["mfu"] is not None else ""))
+    if "generic_ratio" in report:
+        lines.append(f"  EP with generic layers (the same network from plain modules, VJPs): "
+                     f"{report['ep_generic_step_s'] * 1e3:.2f} ms, {report['generic_ratio']:.2f}× "
+                     "the closed form's step")
     return "\n".join(lines)
