@@ -80,13 +80,13 @@ def learning_rate(task: Task) -> float:
 
 BATCH = 64
 STEPS_BASE = 200  # optimizer steps of the rule at n = 20, k = 3
-MAX_STEPS = 50_000  # the cap: about 90 s of PCN-EP at n = 100 on one CPU thread
+MAX_STEPS = 50_000  # the cap: about 70 s of PCN-EP at n = 100 on one CPU thread
 
 
 def rule_steps(task: Task) -> int:
-    """Optimizer steps the task needs by the measured rule 200 · (n/20)^3 · 5^(k−3) (docs/parity.md:
-    about twice the steps that every one of five seeds needed, over n 20–100 and k 3–5). A step
-    count, not epochs: the steps needed did not shrink with more examples (n = 100, k = 3)."""
+    """Optimizer steps by the rule 200 · (n/20)^3 · 5^(k−3): at least the steps at which five seeds
+    all ended >= 0.99, measured over n 20–100 and k 3–5 (docs/parity.md). A step count, not
+    epochs: the steps needed did not shrink with more examples (n = 100, k = 3)."""
     return math.ceil(STEPS_BASE * (task.n_bits / 20) ** 3 * 5 ** (task.k_sparse - 3))
 
 
@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
                    help="override every method's budget (default: pcn-ep and bp train for "
                         "200·(n/20)^3·5^(k-3) SGD steps of batch 64, at most "
                         f"{MAX_STEPS:,}, in whole epochs of the training set: the steps a task "
-                        "needs grew with n and k, not with fewer examples (measured, "
+                        "needs grew with n and k, not with the training set size (measured, "
                         "docs/parity.md); a task above the cap is named before training and a "
                         "run that ends below 0.99 says why; the earlier experiment's two tasks "
                         "keep their measured 20 and 12 epochs)")
