@@ -406,9 +406,9 @@ def configuration(args: argparse.Namespace, device: str, batch: str | None = Non
     extras = [name for name, on in (("compiled", args.compile), ("channels-last", args.channels_last))
               if on]
     norm = f", {args.norm} norm" if args.model == "resnet18" else ""
-    return (f"{args.model.upper()} (width ×{args.width_mult:g}{norm}, {args.num_classes} classes), "
-            f"input "
-            f"{shape}, batch {batch or args.batch_size}; {args.scheme} EP, β {args.beta:g}, K {args.K}, "
+    name = (f"{args.network} ({args.num_classes} classes)" if args.network else
+            f"{args.model.upper()} (width ×{args.width_mult:g}{norm}, {args.num_classes} classes)")
+    return (f"{name}, input {shape}, batch {batch or args.batch_size}; {args.scheme} EP, β {args.beta:g}, K {args.K}, "
             f"{args.rule}, {args.order}, pool routing {args.pool_routing}; {device}, "
             f"precision {args.precision}"
             + "".join(f", {e}" for e in extras))

@@ -35,6 +35,8 @@ IMAGE_SETS = ("mnist", "cifar10", "cifar100", "imagenet32")  # ImageDataModule's
 
 
 def build_network(args: argparse.Namespace) -> PCN:
+    if args.network:
+        return own_network(args.network, args.init_args)
     if args.model == "mlp":
         width = max(1, round(256 * args.width_mult))
         return NETWORKS["mlp"](args.in_channels * args.input_size**2, args.num_classes,
@@ -44,12 +46,44 @@ def build_network(args: argparse.Namespace) -> PCN:
                                 input_size=args.input_size, width_mult=args.width_mult, **extra)
 
 
+def own_network(class_path: str, init_args: str) -> PCN:
+    """``module.Class(**init_args)``: a network of the user's (``GenericLayer``s from plain modules,
+    say), imported as ``fit`` imports a config's ``class_path``; it must be a ``PCN``."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--network {class_path}: cannot import it ({err}; is its folder on "
+                         "PYTHONPATH?)") from None
+    if not (isinstance(cls, type) and issubclass(cls, PCN)):
+        raise ValueError(f"--network {class_path}: not a pcn_ep.core.PCN subclass "
+                         "(module.Class, e.g. my_pcn.TinyPCN)")
+    try:
+        kwargs = json.loads(init_args)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--init-args is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--init-args must be a JSON object of keyword arguments")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"--network {class_path}: {err}") from None
+
+
 def add_network_arguments(p: argparse.ArgumentParser, width_mult: float) -> None:
     """The flags that pick a network (shared by ``gradcheck`` and ``bench``)."""
     p.add_argument("--model", choices=sorted(NETWORKS), default="vgg5",
                    help="the network: vgg5, vgg10 and vgg10skip as in the paper's Tables 5-6 and "
                         "Sec. 5.5, resnet18 (ResNet-18's layout of generic layers, a state per "
                         "block), or an MLP with two hidden layers of 256 x --width-mult units")
+    p.add_argument("--network", metavar="MODULE.CLASS", default=None,
+                   help="your own network instead of --model: a pcn_ep.core.PCN subclass, imported "
+                        "as fit imports a class_path (its folder on PYTHONPATH); --in-channels, "
+                        "--input-size and --num-classes must match it")
+    p.add_argument("--init-args", metavar="JSON", default="{}",
+                   help="keyword arguments of --network's class, as a JSON object")
     p.add_argument("--width-mult", type=positive_float, default=width_mult,
                    help="channel (or unit) count relative to the paper's network")
     p.add_argument("--input-size", type=positive_int, default=32,
