@@ -450,11 +450,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def config_arguments(argv: list[str]) -> list[tuple[int, str]]:
+    """(position in ``argv``, value) of each ``--config`` / ``-c`` file, in order; the position
+    is the value's own (``--config FILE``) or the flag's (``--config=FILE``)."""
+    return [(i + 1, value) if flag in ("-c", "--config") else (i, flag.partition("=")[2])
+            for i, (flag, value) in enumerate(zip(argv, argv[1:] + [""]))
+            if flag in ("-c", "--config") or flag.startswith("--config=")]
+
+
 def config_paths(argv: list[str]) -> list[str]:
     """The ``--config`` / ``-c`` files named on a command line, in order."""
-    return [value if flag in ("-c", "--config") else flag.partition("=")[2]
-            for flag, value in zip(argv, argv[1:] + [""])
-            if flag in ("-c", "--config") or flag.startswith("--config=")]
+    return [value for _, value in config_arguments(argv)]
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a paper config is ~2 KB
@@ -478,9 +484,7 @@ def shipped_config_paths(argv: list[str]) -> list[str]:
     (``configs/vgg10.yaml``, ``vgg10``) replaced by that file, saying so; a value that is neither
     fails, listing the shipped configs. Other paths (data roots) stay relative to the caller."""
     argv = list(argv)
-    for i, (flag, value) in enumerate(zip(argv, argv[1:] + [""])):
-        given, at = (value, i + 1) if flag in ("-c", "--config") else (
-            (flag.partition("=")[2], i) if flag.startswith("--config=") else (None, None))
+    for at, given in config_arguments(argv):
         if not given or Path(given).exists():
             continue
         found = find_config(given)
@@ -489,7 +493,7 @@ def shipped_config_paths(argv: list[str]) -> list[str]:
                                     f"shipped configs ({', '.join(shipped_configs())}; give one "
                                     "as --config NAME)")
         print(f"pcn_ep: config {given}: using the shipped {found}", file=sys.stderr)
-        argv[at] = str(found) if at != i else f"--config={found}"
+        argv[at] = f"--config={found}" if argv[at].startswith("--config=") else str(found)
     return argv
 
 
