@@ -43,10 +43,6 @@ class Layer(nn.Module):
     def activation(self, a: Tensor) -> Tensor:
         return torch.relu(a) if self.relu else a
 
-    def activation_vjp(self, grad: Tensor, a: Tensor) -> Tensor:
-        """f'(a) ⊙ grad: the gradient w.r.t. a of a quantity whose gradient w.r.t. f(a) is grad."""
-        return grad.masked_fill(a <= 0, 0.0) if self.relu else grad
-
 
 class PCNLayer(Layer):
     """A conv 3×3 (stride 1, padding 1) or dense layer, optional 2×2 max-pool, ReLU or linear output.
