@@ -18,7 +18,7 @@ import yaml
 from images import image_folder
 from pcn_ep.core import MLP, VGG5, VGG10, VGG10Skip
 from pcn_ep.data import (DigitsDataModule, ImageDataModule, ImageFolderDataModule,
-                         ImageNetDataModule, TensorDataModule)
+                         ImageNetDataModule, MnistSubsetDataModule, TensorDataModule)
 from pcn_ep.training.cli import main
 from pcn_ep.training.loggers import WandbLogger
 from pcn_ep.training.module import PCNEPModule
@@ -38,13 +38,24 @@ def run_cli(*args, cwd):
 
 # -- help --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [PCNEPModule, MLP, VGG5, VGG10, VGG10Skip, TensorDataModule,
-                                 DigitsDataModule, ImageDataModule, ImageNetDataModule,
-                                 ImageFolderDataModule])
+                                 DigitsDataModule, MnistSubsetDataModule, ImageDataModule,
+                                 ImageNetDataModule, ImageFolderDataModule])
 def test_every_parameter_has_its_own_description(cls):
     """jsonargparse reads each ``fit`` argument's help from the Args block (Google style): one
-    parameter per line, or ``K, rule, order, alpha: ...`` leaves four arguments blank."""
-    documented = {p.arg_name: p.description for p in docstring_parser.parse(cls.__doc__).params}
-    wanted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
+    parameter per line, or ``K, rule, order, alpha: ...`` leaves four arguments blank. Like
+    jsonargparse, follow ``__init__`` up the classes while it passes ``**kwargs`` on (or is
+    inherited), taking each class's Args."""
+    wanted, documented = [], {}
+    for klass in cls.__mro__:
+        args = docstring_parser.parse(klass.__doc__ or "").params
+        documented = {p.arg_name: p.description for p in args} | documented
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        wanted += [p.name for p in parameters
+                   if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if all(p.kind is not p.VAR_KEYWORD for p in parameters):
+            break
     assert set(documented) == set(wanted), (set(wanted) - set(documented), set(documented) - set(wanted))
     assert all(documented[n] and len(documented[n]) > 10 for n in wanted)
 
@@ -273,25 +284,30 @@ def test_real_results_are_ignored_by_git_and_the_kept_reports_are_not():
     assert not ignored("results/parity/parity.md")
 
 
-def test_wandb_writes_where_the_command_runs_even_if_its_service_started_elsewhere(tmp_path,
-                                                                                   monkeypatch):
+WANDB_SERVICE_ELSEWHERE = """
+import os, sys, wandb
+from pcn_ep.training.loggers import WandbLogger
+wandb.init(mode="offline", dir=os.getcwd(), settings=wandb.Settings(silent=True)).finish()
+os.chdir(sys.argv[1])
+logger = WandbLogger(save_dir="runs/x", offline=True)
+logger.log_metrics({"loss": 1.0}, step=0)
+print("a line of the run's console output")
+logger.close("ok")
+wandb.teardown()
+"""
+
+
+def test_wandb_writes_where_the_command_runs_even_if_its_service_started_elsewhere(tmp_path):
     """W&B's service process keeps the working directory it started in, and child processes reuse
     it (WANDB_SERVICE): given a relative folder, it wrote the run's console log (output.log) there,
-    into the checkout in the test suite, and the run folder was split in two."""
-    import wandb
-
+    into the checkout in the test suite, and the run folder was split in two. In a process of its
+    own: W&B captures the console by patching the ``sys.stdout`` it first sees, and pytest's
+    capture of an earlier test swaps that object (output.log was then missing, whatever the fix)."""
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    wandb.teardown()  # a service started by an earlier test would sit elsewhere
-    monkeypatch.chdir(first)
-    try:
-        wandb.init(mode="offline", dir=str(first), settings=wandb.Settings(silent=True)).finish()
-        monkeypatch.chdir(second)
-        logger = WandbLogger(save_dir="runs/x", offline=True)
-        logger.log_metrics({"loss": 1.0}, step=0)
-        print("a line of the run's console output")
-        logger.close("ok")
-    finally:
-        wandb.teardown()
-    assert list(second.glob("runs/x/wandb/offline-run-*/files/output.log"))
+    done = subprocess.run([sys.executable, "-c", WANDB_SERVICE_ELSEWHERE, str(second)], cwd=first,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    logs = list(second.glob("runs/x/wandb/offline-run-*/files/output.log"))
+    assert logs and "a line of the run's console output" in logs[0].read_text()
     assert not (first / "runs").exists()

