@@ -1,10 +1,12 @@
 """The argument parser of the commands outside Lightning's CLI (gradcheck, bench, energy, parity,
 reproduce, report, write-ffcv): a bad flag or value is one ``pcn_ep: error:`` line, exit 2, as
 every other pcn_ep error (argparse would print the whole usage first). ``--help`` shows each flag's
-default beside its description."""
+default beside its description. ``import_object``: a ``module.Name`` as a config's ``class_path``
+gives it."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -33,3 +35,10 @@ class CommandParser(argparse.ArgumentParser):
         print(f"pcn_ep: error: {command}: {message} (python -m pcn_ep {command} --help lists the "
               "options)", file=sys.stderr)
         sys.exit(2)
+
+
+def import_object(dotted: str):
+    """``module.Name`` imported, as a config's ``class_path`` names a class (``fit``'s network and
+    data checks, ``gradcheck``/``bench --network``)."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)

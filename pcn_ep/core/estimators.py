@@ -339,9 +339,21 @@ def gradient_fidelity(network: PCN, ep: EquilibriumPropagation, x: Tensor, y: Te
     free state (harmless in a layer whose input never moves, or with ``pool_routing="free"``).
     ``diverged``: a non-finite estimate, or a nudged prediction-error energy E above the free
     cost (the relaxation blew up). ``betas``: the signs to use (default: drawn from ``ep``'s
-    generator, which advances); ``ep``'s settings are not changed. It syncs: a diagnostic, not
-    for every step.
+    generator, which advances); ``ep``'s settings are not changed, nor the network's buffers (its
+    forward passes are a check, not training: a BatchNorm's running statistics are put back).
+    It syncs: a diagnostic, not for every step.
     """
+    kept = [(buffer, buffer.clone()) for buffer in network.buffers()]
+    try:
+        return _fidelity(network, ep, x, y, betas)
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
+def _fidelity(network: PCN, ep: EquilibriumPropagation, x: Tensor, y: Tensor,
+              betas: Tensor | None) -> dict:
     ep = copy.copy(ep)
     ep.count_kinks = True  # the interrupt stays: a stop request must not wait for this check
     if betas is None:

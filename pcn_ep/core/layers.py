@@ -317,7 +317,12 @@ class GenericLayer(Layer):
         return a, transposed
 
     def param_grads(self, inputs: list[Tensor], grad_a: Tensor, copies: int) -> list[Tensor]:
-        """(∂a/∂θ)^T grad_a at ``inputs``, for every parameter, in ``self.parameters()`` order."""
+        """(∂a/∂θ)^T grad_a at ``inputs``, for every parameter, in ``self.parameters()`` order.
+
+        Runs g_k once more, after the relaxation, rather than taking the VJP over (inputs, θ) in
+        every refresh: that would add the weight-gradient work to each of the K iterations' VJPs,
+        and the last refresh of layer k need not be at the final states (a lower state may move
+        after it), while this forward is one per layer and step."""
         names = [name for name, _ in self.module.named_parameters()]
         params = {name: p.detach() for name, p in self.module.named_parameters()}
         a, pullback = vjp(lambda p: self.nudged(inputs, copies, p), params)

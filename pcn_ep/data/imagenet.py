@@ -118,9 +118,11 @@ class ImageNetDataModule(L.LightningDataModule):
             if len(classes) != self.num_classes:
                 raise DataError(f"{self.train_path} has {len(classes)} classes, num_classes is "
                                 f"{self.num_classes}")
+            checked = {self.train_path}
             for split, path in (("val", self.val_path), ("test", self.test_path)):
-                if path != self.train_path:
+                if path not in checked:  # test is often val: one scan
                     check_class_folders(path, split, like=(self.train_path, classes))
+                    checked.add(path)
         else:
             for path in {self.train_path, self.val_path}:
                 labels = _beton_labels(path)

@@ -43,6 +43,7 @@ import yaml
 
 from ..argtypes import nonneg_int, positive_int, seed as seed_number
 from ..commandline import CommandParser
+from ..files import write_text_atomically
 from .results import MARKER, root_kind
 from ..shipped import CONFIGS
 from .tables import TABLES, Cell, Table
@@ -200,9 +201,7 @@ def run_one(table: Table, cell: Cell, seed: int, args: argparse.Namespace,
     if os.environ.get("SLURM_JOB_ID"):
         record["slurm_job"] = os.environ["SLURM_JOB_ID"]
     if not rank:  # one record per run: DDP ranks > 0 only log
-        partial = record_path.with_name(f".run.json.partial-{os.getpid()}")
-        partial.write_text(json.dumps(record, indent=1))
-        partial.replace(record_path)  # a kill mid-write leaves the previous record, never half
+        write_text_atomically(record_path, json.dumps(record, indent=1))
     return record
 
 

@@ -27,21 +27,23 @@ from ..core import Dynamics, get_cost, nudged_phase
 
 def energy_curves(network, x, y, cost: str, beta: float, dynamics: Dynamics,
                   pool_routing: str = "free") -> dict:
-    """Per-image F(K) for both rules at +β and −β: one free phase, then per rule and sign one
-    nudged phase (the signs apart, as the estimators run a batch-coupled layer such as BatchNorm:
-    each copy with its own statistics), no weight gradients. ``pool_routing``: the training
-    config's (see ``pcn_ep.core.equilibrium``)."""
-    curves = {}
+    """Per-image F(K) for both rules at +β and −β: one free phase, then per rule one nudged phase
+    with the two signs as two copies of the batch (as centered EP runs them: a batch-coupled layer
+    such as BatchNorm takes each copy's own statistics), no weight gradients. ``pool_routing``:
+    the training config's (see ``pcn_ep.core.equilibrium``)."""
+    curves, n = {}, len(y)
+    betas = torch.cat([torch.full((n,), b, dtype=torch.float64, device=x.device)
+                       for b in (beta, -beta)])
     with torch.no_grad():
         free = network.free_phase(x)
         for rule in ("mod-pgd", "pgd"):
-            for sign, b in (("+", beta), ("-", -beta)):
-                betas = torch.full((len(y),), b, dtype=torch.float64, device=x.device)
-                nudged = nudged_phase(network, free, y, betas, get_cost(cost),
-                                      Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
-                                      trace=True, pool_routing=pool_routing)
-                f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × n
-                curves[f"{rule}/{sign}"] = {"mean": f.mean(1).tolist(), "per_image": f.T.tolist()}
+            nudged = nudged_phase(network, free, y, betas, get_cost(cost),
+                                  Dynamics(dynamics.K, rule, dynamics.order, dynamics.alpha),
+                                  trace=True, pool_routing=pool_routing)
+            f = torch.stack([e + betas.to(e.dtype) * c for e, c in nudged.trace])  # (K+1) × 2n
+            for sign, part in (("+", f[:, :n]), ("-", f[:, n:])):
+                curves[f"{rule}/{sign}"] = {"mean": part.mean(1).tolist(),
+                                            "per_image": part.T.tolist()}
     return curves
 
 

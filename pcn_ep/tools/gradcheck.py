@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..argtypes import classes, nonneg_float, positive_float, positive_int, real, seed, unit_float
-from ..commandline import CommandParser
+from ..commandline import CommandParser, import_object
 from ..core import (NETWORKS, NORMS, ORDERS, PCN, PERTURBATIONS, POOL_ROUTINGS, RULES, SCHEMES,
                     Dynamics, EquilibriumPropagation, gradient_fidelity)
 
@@ -49,11 +49,8 @@ def build_network(args: argparse.Namespace) -> PCN:
 def own_network(class_path: str, init_args: str) -> PCN:
     """``module.Class(**init_args)``: a network of the user's (``GenericLayer``s from plain modules,
     say), imported as ``fit`` imports a config's ``class_path``; it must be a ``PCN``."""
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name) if module else None
+        cls = import_object(class_path) if "." in class_path else None
     except (ImportError, AttributeError) as err:
         raise ValueError(f"--network {class_path}: cannot import it ({err}; is its folder on "
                          "PYTHONPATH?)") from None

